@@ -1,0 +1,418 @@
+"""Synchronous connections that carry shared-memory fds in-band (anyio-free).
+
+Two kinds of channel, both Unix sockets so fds can ride in the same ``sendmsg`` as the data
+(SCM_RIGHTS), received close-on-exec, with ``MSG_CTRUNC`` checked:
+
+* :class:`Connection` — what :func:`Pipe` returns. A ``SOCK_STREAM`` socketpair speaking the
+  stdlib ``multiprocessing.connection`` frame format, a subclass of the stdlib ``Connection``:
+  every blocking method keeps its stdlib semantics, and a plain stdlib ``Connection`` on the
+  other end interoperates for messages without arrays in shared memory.
+* :class:`RecordChannel` — one end of a ``SOCK_SEQPACKET`` socketpair used by the queues. Each
+  message is one record, delivered whole to exactly one reader, so any number of processes may
+  put and get with **no cross-process lock**: a writer killed mid-send cannot leave half a
+  frame, and a reader killed mid-receive holds nothing. Payloads above :data:`MAX_RECORD`
+  bytes spill into an anonymous memfd that travels as one more fd.
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import io
+import os
+import select
+import socket
+import struct
+import sys
+import time
+from multiprocessing import connection as _mp_connection
+from typing import Any, Final
+
+from . import _reduction
+from ._exceptions import FdLimitError, ProtocolError
+from ._reduction import FD_HEADER, FD_MAGIC, MAX_FDS_PER_MESSAGE
+
+__all__ = ("MAX_RECORD", "Connection", "Pipe", "RecordChannel", "record_pair")
+
+_CMSG_SPACE: Final = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * 4)
+_RECV_FLAGS: Final = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
+_HEADER: Final = struct.Struct("!i")
+#: Records larger than this are spilled into a memfd (kernel socket buffers stay small).
+MAX_RECORD: Final = 64 * 1024
+_SOCKBUF: Final = 4 << 20
+
+
+def _fds_from_ancdata(ancdata: list[tuple[int, int, bytes]], flags: int) -> list[int]:
+    fds: list[int] = []
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            arr = array.array("i")
+            arr.frombytes(data[: len(data) - (len(data) % arr.itemsize)])
+            fds.extend(arr)
+    if not _RECV_FLAGS:
+        for fd in fds:
+            os.set_inheritable(fd, False)
+    if flags & socket.MSG_CTRUNC:
+        for fd in fds:
+            os.close(fd)
+        raise FdLimitError(
+            f"the kernel dropped file descriptors passed with a message (MSG_CTRUNC; "
+            f"{len(fds)} arrived): this process is at its fd limit. Raise `ulimit -n`, hold "
+            "fewer shared arrays at once, or use set_sharing_strategy('file_system')"
+        )
+    return fds
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def _rlimit_hint(exc: OSError) -> OSError:
+    if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ETOOMANYREFS):
+        return FdLimitError(
+            f"cannot pass file descriptors ({exc.strerror}): too many fds open or in flight; "
+            "raise `ulimit -n` or use set_sharing_strategy('file_system')"
+        )
+    return exc
+
+
+# --------------------------------------------------------------------------- Pipe connections
+
+
+class Connection(_mp_connection.Connection):
+    """A stdlib ``Connection`` over a Unix socket that also carries shared-memory fds.
+
+    ``send``/``recv`` pickle with aioshm's reducers; arrays in shared memory travel as
+    handles whose fds ride with the frame. ``send_bytes``/``recv_bytes`` are byte-for-byte
+    the stdlib's.
+    """
+
+    _sock: socket.socket | None = None
+
+    def _socket(self) -> socket.socket:
+        sock = self._sock
+        if sock is None:
+            sock = self._sock = socket.socket(fileno=self.fileno())
+        return sock
+
+    def _close(self, _close: Any = os.close) -> None:
+        if self._sock is not None:
+            self._sock.detach()
+            self._sock = None
+        super()._close()
+
+    def send(self, obj: Any) -> None:
+        """Send a picklable object; ndarrays in shared memory go as handles with their fds."""
+        self._check_closed()
+        self._check_writable()
+        data, fds, owned = _reduction.dumps(obj)
+        try:
+            if fds:
+                self._send_frame_with_fds(data, fds)
+            else:
+                self._send_bytes(memoryview(data))
+        finally:
+            _reduction.close_owned(fds, owned)
+
+    def _send_frame_with_fds(self, data: bytes | bytearray | memoryview, fds: list[int]) -> None:
+        payload = memoryview(data)
+        header = _HEADER.pack(len(payload)) if len(payload) <= 0x7FFFFFFF else (
+            _HEADER.pack(-1) + struct.pack("!Q", len(payload))
+        )
+        first = header + bytes(payload[: 16 * 1024])
+        sock = self._socket()
+        try:
+            sent = sock.sendmsg(
+                [first], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+            )
+        except OSError as exc:
+            raise _rlimit_hint(exc) from exc
+        rest = memoryview(first)[sent:]
+        if rest:
+            self._send(rest)
+        if len(payload) > 16 * 1024:
+            self._send(payload[16 * 1024 :])
+
+    def recv(self) -> Any:
+        """Receive an object sent with :meth:`send` (or by a stdlib ``Connection``)."""
+        self._check_closed()
+        self._check_readable()
+        buf, fds = self._recv_frame()
+        return _reduction.loads(buf.getbuffer(), fds)
+
+    def _recv_frame(self) -> tuple[io.BytesIO, list[int]]:
+        sock = self._socket()
+        fds: list[int] = []
+        try:
+            header = b""
+            while len(header) < 4:
+                try:
+                    chunk, ancdata, flags, _ = sock.recvmsg(4 - len(header), _CMSG_SPACE, _RECV_FLAGS)
+                except InterruptedError:
+                    continue
+                if not chunk:
+                    raise EOFError if not header else OSError("got end of file during message")
+                fds.extend(_fds_from_ancdata(ancdata, flags))
+                header += chunk
+            (size,) = _HEADER.unpack(header)
+            if size == -1:
+                size = struct.unpack("!Q", self._recv(8).getvalue())[0]
+            elif size < 0:
+                raise ProtocolError(f"bad message length {size}")
+            return self._recv(size), fds
+        except BaseException:
+            _close_all(fds)
+            raise
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        ref = _reduction.fd_ref(os.dup(self.fileno()), owned=True)
+        return (_rebuild_connection, (ref, self.readable, self.writable))
+
+
+def _rebuild_connection(ref: object, readable: bool, writable: bool) -> Connection:
+    return Connection(_reduction.take_fd(ref), readable, writable)
+
+
+def Pipe(duplex: bool = True) -> tuple[Connection, Connection]:  # noqa: N802 - stdlib name
+    """A pair of connected :class:`Connection` objects, like ``multiprocessing.Pipe``.
+
+    Always a Unix socketpair (even when ``duplex=False``, where the stdlib uses a pipe),
+    because fds can only travel over sockets.
+    """
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    for s in (a, b):
+        s.set_inheritable(False)
+    if duplex:
+        return Connection(a.detach()), Connection(b.detach())
+    a.shutdown(socket.SHUT_WR)
+    b.shutdown(socket.SHUT_RD)
+    return Connection(a.detach(), writable=False), Connection(b.detach(), readable=False)
+
+
+# --------------------------------------------------------------------------- records (queues)
+
+
+def _spill(data: bytes | bytearray | memoryview) -> int:
+    """An unlinked memfd (or temp file) holding ``data``, positioned at 0."""
+    if hasattr(os, "memfd_create"):
+        fd = os.memfd_create("aioshm-spill", os.MFD_CLOEXEC)
+    else:  # pragma: no cover - macOS
+        import tempfile
+
+        fd = os.dup(tempfile.TemporaryFile().fileno())
+    try:
+        view = memoryview(data)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _unspill(fd: int, size: int) -> bytes:
+    st = os.fstat(fd)
+    if st.st_size != size:
+        raise ProtocolError(f"spilled message is {st.st_size} bytes, header says {size}")
+    return os.pread(fd, size, 0) if size else b""
+
+
+def _wait(fd: int, events: int, deadline: float | None) -> bool:
+    """Block until ``fd`` is ready for ``events`` or the deadline passes (False on timeout)."""
+    poller = select.poll()
+    poller.register(fd, events)
+    while True:
+        if deadline is None:
+            timeout_ms = None
+        else:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return bool(poller.poll(0))
+            timeout_ms = max(1, int(remaining * 1000 + 0.999))
+        if poller.poll(timeout_ms):
+            return True
+
+
+def _seqpacket_pair() -> tuple[socket.socket, socket.socket]:
+    kind = socket.SOCK_SEQPACKET if sys.platform.startswith("linux") else socket.SOCK_DGRAM
+    a, b = socket.socketpair(socket.AF_UNIX, kind)
+    for s in (a, b):
+        s.set_inheritable(False)
+        s.setblocking(False)
+        for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+            try:
+                s.setsockopt(socket.SOL_SOCKET, opt, _SOCKBUF)
+            except OSError:
+                pass
+    return a, b
+
+
+class RecordChannel:
+    """One end of a record socketpair: whole messages, many readers and writers, no locks.
+
+    Blocking methods wait with ``poll()`` on the (non-blocking) socket, so timeouts are exact
+    and a reader that loses the race for a record simply waits again.
+    """
+
+    __slots__ = ("__weakref__", "_sock", "readable", "writable")
+
+    def __init__(self, sock: socket.socket, readable: bool, writable: bool) -> None:
+        self._sock: socket.socket | None = sock
+        self.readable = readable
+        self.writable = writable
+
+    def __repr__(self) -> str:
+        return f"<RecordChannel fd={self._sock.fileno() if self._sock else 'closed'}>"
+
+    @property
+    def closed(self) -> bool:
+        return self._sock is None
+
+    def fileno(self) -> int:
+        if self._sock is None:
+            raise OSError("handle is closed")
+        return self._sock.fileno()
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def _live(self) -> socket.socket:
+        if self._sock is None:
+            raise OSError("handle is closed")
+        return self._sock
+
+    # -- sending ----------------------------------------------------------------------------
+    def encode(self, obj: Any) -> tuple[bytes | bytearray | memoryview, list[int], list[bool]]:
+        """Pickle ``obj`` into one record (spilling big payloads): ``(record, fds, owned)``."""
+        data, fds, owned = _reduction.dumps(obj)
+        if len(data) > MAX_RECORD:
+            nfds, _, body = _reduction.split_payload(data)
+            try:
+                spill = _spill(body)
+            except BaseException:
+                _reduction.close_owned(fds, owned)
+                raise
+            return FD_HEADER.pack(FD_MAGIC, nfds, len(body)), [spill, *fds], [True, *owned]
+        return data, fds, owned
+
+    def try_send_record(self, record: bytes | bytearray | memoryview, fds: list[int]) -> bool:
+        """Send one record without blocking; False if the socket buffer is full."""
+        sock = self._live()
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+        try:
+            sock.sendmsg([record], anc)
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            raise _rlimit_hint(exc) from exc
+        return True
+
+    def send(self, obj: Any, timeout: float | None = None) -> bool:
+        """Send ``obj`` as one record, blocking up to ``timeout`` for room (False on timeout)."""
+        if not self.writable:
+            raise OSError("connection is read-only")
+        record, fds, owned = self.encode(obj)
+        try:
+            return self.send_record(record, fds, timeout)
+        finally:
+            _reduction.close_owned(fds, owned)
+
+    def send_record(
+        self, record: bytes | bytearray | memoryview, fds: list[int], timeout: float | None = None
+    ) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.try_send_record(record, fds):
+            if not _wait(self.fileno(), select.POLLOUT, deadline):
+                return False
+        return True
+
+    # -- receiving --------------------------------------------------------------------------
+    def try_recv_record(self) -> tuple[bytes, list[int]] | None:
+        """One record and its fds, or None if none is waiting. Raises EOFError at EOF."""
+        sock = self._live()
+        try:
+            data, ancdata, flags, _ = sock.recvmsg(MAX_RECORD + 1, _CMSG_SPACE, _RECV_FLAGS)
+        except BlockingIOError:
+            return None
+        fds = _fds_from_ancdata(ancdata, flags)
+        if not data and not fds:
+            raise EOFError
+        if flags & socket.MSG_TRUNC:
+            _close_all(fds)
+            raise ProtocolError("received a record larger than the protocol allows")
+        return data, fds
+
+    def decode(self, data: bytes, fds: list[int]) -> Any:
+        """Unpickle a record received by :meth:`try_recv_record` (adopts ``fds``)."""
+        try:
+            nfds, spilled, _ = _reduction.split_payload(data)
+            if spilled:
+                if not fds:
+                    raise ProtocolError("spilled record arrived without its fd")
+                spill = fds.pop(0)
+                try:
+                    body = _unspill(spill, spilled)
+                finally:
+                    os.close(spill)
+                if nfds:
+                    body = FD_HEADER.pack(FD_MAGIC, nfds, 0) + body
+                return _reduction.loads(body, fds)
+            return _reduction.loads(data, fds)
+        except BaseException:
+            _close_all(fds)
+            raise
+
+    def recv(self, timeout: float | None = None) -> Any:
+        """Receive one object, blocking up to ``timeout``; raises TimeoutError on timeout."""
+        if not self.readable:
+            raise OSError("connection is write-only")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            got = self.try_recv_record()
+            if got is not None:
+                return self.decode(*got)
+            if not _wait(self.fileno(), select.POLLIN, deadline):
+                raise TimeoutError
+
+    def poll(self, timeout: float | None = 0.0) -> bool:
+        """True if a record is waiting (waits up to ``timeout``; None waits forever)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        return _wait(self.fileno(), select.POLLIN, deadline)
+
+    # -- stdlib Connection-compatible names used by multiprocessing.pool --------------------
+    def send_bytes(self, buf: bytes) -> None:
+        self.send_record(buf, [])
+
+    def recv_bytes(self) -> bytes:
+        while True:
+            got = self.try_recv_record()
+            if got is not None:
+                data, fds = got
+                _close_all(fds)
+                return data
+            _wait(self.fileno(), select.POLLIN, None)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        ref = _reduction.fd_ref(os.dup(self.fileno()), owned=True)
+        return (_rebuild_channel, (ref, self.readable, self.writable))
+
+
+def _rebuild_channel(ref: object, readable: bool, writable: bool) -> RecordChannel:
+    fd = _reduction.take_fd(ref)
+    sock = socket.socket(fileno=fd)
+    sock.setblocking(False)
+    return RecordChannel(sock, readable, writable)
+
+
+def record_pair() -> tuple[RecordChannel, RecordChannel]:
+    """``(reader, writer)`` ends of a new record socketpair."""
+    a, b = _seqpacket_pair()
+    return RecordChannel(a, True, False), RecordChannel(b, False, True)
+

@@ -1,0 +1,109 @@
+"""Start-method contexts whose queues, pipes and pools are aioshm's (anyio-free).
+
+Each stdlib concrete context (fork, spawn, forkserver) gets a subclass whose ``Queue``,
+``JoinableQueue``, ``SimpleQueue``, ``Pipe`` and ``Pool`` build aioshm objects; everything
+else (``Process``, locks, managers, start-method state) is the stdlib's own, so
+``aioshm.multiprocessing.set_start_method`` and ``multiprocessing.set_start_method`` are one
+setting.
+"""
+
+from __future__ import annotations
+
+from multiprocessing import context as _mp_context
+from typing import Any
+
+from ._connection import Connection
+from ._connection import Pipe as _Pipe
+
+__all__ = ("DefaultContext", "concrete_contexts", "default_context")
+
+
+class _AioshmMixin:
+    """The factory methods aioshm overrides on every context."""
+
+    def get_context(self, method: str | None = None) -> Any:
+        if method is None:
+            return self
+        try:
+            ctx = concrete_contexts[method]
+        except KeyError:
+            raise ValueError(f"cannot find context for {method!r}") from None
+        ctx._check_available()
+        return ctx
+
+    def Queue(self, maxsize: int = 0) -> Any:  # noqa: N802 - stdlib name
+        """A process-shared FIFO queue (aioshm's :class:`~aioshm.Queue`)."""
+        from ._queues import Queue
+
+        return Queue(maxsize, ctx=self.get_context())
+
+    def JoinableQueue(self, maxsize: int = 0) -> Any:  # noqa: N802
+        """A queue with ``task_done()``/``join()`` (aioshm's :class:`~aioshm.JoinableQueue`)."""
+        from ._queues import JoinableQueue
+
+        return JoinableQueue(maxsize, ctx=self.get_context())
+
+    def SimpleQueue(self) -> Any:  # noqa: N802
+        """A minimal queue (aioshm's :class:`~aioshm.SimpleQueue`)."""
+        from ._queues import SimpleQueue
+
+        return SimpleQueue(ctx=self.get_context())
+
+    def Pipe(self, duplex: bool = True) -> tuple[Connection, Connection]:  # noqa: N802
+        """Two connected :class:`~aioshm.Connection` objects (fds travel in-band)."""
+        return _Pipe(duplex)
+
+    def Pool(  # noqa: N802
+        self,
+        processes: int | None = None,
+        initializer: Any = None,
+        initargs: tuple[Any, ...] = (),
+        maxtasksperchild: int | None = None,
+    ) -> Any:
+        """A process pool whose tasks and results carry arrays as shared-memory handles."""
+        from ._pool import Pool
+
+        return Pool(processes, initializer, initargs, maxtasksperchild, context=self.get_context())
+
+
+class ForkContext(_AioshmMixin, _mp_context.ForkContext):  # type: ignore[misc]
+    pass
+
+
+class SpawnContext(_AioshmMixin, _mp_context.SpawnContext):  # type: ignore[misc]
+    pass
+
+
+class ForkServerContext(_AioshmMixin, _mp_context.ForkServerContext):  # type: ignore[misc]
+    pass
+
+
+concrete_contexts: dict[str, Any] = {"spawn": SpawnContext()}
+if "fork" in _mp_context._concrete_contexts:
+    concrete_contexts["fork"] = ForkContext()
+if "forkserver" in _mp_context._concrete_contexts:
+    concrete_contexts["forkserver"] = ForkServerContext()
+
+
+class DefaultContext(_AioshmMixin, _mp_context.DefaultContext):  # type: ignore[misc]
+    """The default context: start-method state is the stdlib's, the objects are aioshm's."""
+
+    def __init__(self) -> None:
+        self._stdlib = _mp_context._default_context
+
+    def get_context(self, method: str | None = None) -> Any:
+        if method is None:
+            return concrete_contexts[self._stdlib.get_context().get_start_method()]
+        return super().get_context(method)
+
+    def get_start_method(self, allow_none: bool = False) -> Any:
+        return self._stdlib.get_start_method(allow_none)
+
+    def set_start_method(self, method: str | None, force: bool = False) -> None:
+        self._stdlib.set_start_method(method, force)
+
+    def get_all_start_methods(self) -> list[str]:
+        return self._stdlib.get_all_start_methods()  # type: ignore[no-any-return]
+
+
+default_context = DefaultContext()

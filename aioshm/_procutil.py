@@ -1,0 +1,190 @@
+"""Small process helpers with no anyio in sight: parent-death handling, thread names, fd limits.
+
+Everything here is safe to import in a freshly started child. Nothing here starts a thread in
+the parent: :func:`arm_parent_death_watch` only ever starts its watcher thread in a process that
+:mod:`multiprocessing` started (one that has a :func:`multiprocessing.parent_process`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable
+
+__all__ = (
+    "_get_thread_name",
+    "_set_thread_name",
+    "arm_parent_death_watch",
+    "raise_fd_limit",
+    "register_after_fork",
+    "set_pdeathsig",
+)
+
+_IS_LINUX = sys.platform.startswith("linux")
+
+# <linux/prctl.h>
+_PR_SET_PDEATHSIG = 1
+_PR_SET_NAME = 15
+_PR_GET_NAME = 16
+_TASK_COMM_LEN = 16  # the kernel's buffer for a thread name, NUL included
+
+# Upper bound for raise_fd_limit when the hard limit is unlimited (or absurdly high).
+_FD_LIMIT_CAP = 1 << 20
+
+_libc: ctypes.CDLL | None = None
+_libc_loaded = False
+
+_watch_lock = threading.Lock()
+_watch_thread: threading.Thread | None = None
+
+
+def _get_libc() -> ctypes.CDLL | None:
+    """The C library with ``prctl`` (loaded once), or None when there is none to use."""
+    global _libc, _libc_loaded
+    if not _libc_loaded:
+        _libc_loaded = True
+        if _IS_LINUX:
+            try:
+                lib = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+                lib.prctl.restype = ctypes.c_int
+                _libc = lib
+            except (OSError, AttributeError):
+                _libc = None
+    return _libc
+
+
+def _prctl(option: int, arg2: int | ctypes.Array[ctypes.c_char] | bytes) -> None:
+    """Call ``prctl(option, arg2, 0, 0, 0)``; raise :class:`OSError` on failure."""
+    libc = _get_libc()
+    if libc is None:
+        return
+    zero = ctypes.c_ulong(0)
+    second: object = ctypes.c_ulong(arg2) if isinstance(arg2, int) else arg2
+    if libc.prctl(ctypes.c_int(option), second, zero, zero, zero) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl({option}): {os.strerror(err)}")
+
+
+def set_pdeathsig(sig: int = signal.SIGKILL) -> None:
+    """Ask the kernel to send ``sig`` to this process when its parent *thread* exits (Linux only).
+
+    A no-op on other platforms. Note the kernel's notion of parent: the thread that created this
+    process. A child started from a short-lived thread receives the signal when that thread
+    exits, even though the parent process lives on.
+    """
+    if _IS_LINUX:
+        _prctl(_PR_SET_PDEATHSIG, int(sig))
+
+
+def _kill_self() -> None:
+    """Die at once, without running any Python cleanup (the parent is gone: nobody listens)."""
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _sentinel_ready(sentinel: int) -> bool:
+    """Whether the parent's sentinel fd is readable now (the parent's end has been closed)."""
+    try:
+        return bool(multiprocessing.connection.wait([sentinel], 0))
+    except (OSError, ValueError):
+        return False
+
+
+def _watch_parent(sentinel: int) -> None:
+    """Thread body: block until the parent's sentinel becomes readable, then kill this process."""
+    try:
+        multiprocessing.connection.wait([sentinel])
+    except (OSError, ValueError):  # pragma: no cover - fd closed under us: nothing to watch
+        return
+    _kill_self()
+
+
+def arm_parent_death_watch(expected_ppid: int | None = None) -> None:
+    """Make this (child) process die with its parent.
+
+    * Sets ``PR_SET_PDEATHSIG`` to SIGKILL (Linux), then re-checks ``os.getppid()``: if the
+      parent already died before ``prctl`` took effect, the signal will never come, so the
+      process kills itself. Pass ``expected_ppid`` when the direct parent's pid is known;
+      otherwise the parent's sentinel (below) is polled once instead, which also catches it.
+    * Under ``forkserver`` the direct parent is the fork server, not the process that asked for
+      this child, so the death signal does not cover the real parent. Hence, when
+      :func:`multiprocessing.parent_process` has a sentinel, one daemon thread waits on it and
+      SIGKILLs this process when it becomes readable (the parent died). The thread is started
+      at most once per process, and never in a process without a multiprocessing parent.
+    """
+    global _watch_thread
+    parent = multiprocessing.parent_process()
+    try:
+        set_pdeathsig(signal.SIGKILL)
+    except OSError:  # pragma: no cover - prctl refused: the sentinel watch still works
+        pass
+    if expected_ppid is not None and os.getppid() != expected_ppid:
+        _kill_self()
+    # Without an explicit expectation, a ppid other than the multiprocessing parent's pid means
+    # either a forkserver child (whose parent is the fork server) or an orphan whose parent died
+    # before prctl: the sentinel below tells the two apart.
+    sentinel = parent.sentinel if parent is not None else None
+    if sentinel is None:
+        return
+    if _sentinel_ready(sentinel):
+        _kill_self()
+    with _watch_lock:
+        if _watch_thread is not None and _watch_thread.is_alive():
+            return
+        thread = threading.Thread(
+            target=_watch_parent, args=(sentinel,), name="aioshm-parent-watch", daemon=True
+        )
+        thread.start()
+        _watch_thread = thread
+
+
+def _set_thread_name(name: str) -> None:
+    """Set the calling thread's kernel name (``prctl(PR_SET_NAME)``, 15 bytes at most).
+
+    Longer names are cut at a character boundary. A no-op off Linux.
+    """
+    if not _IS_LINUX:
+        return
+    raw = name.encode("utf-8")[: _TASK_COMM_LEN - 1]
+    raw = raw.decode("utf-8", errors="ignore").encode("utf-8")
+    _prctl(_PR_SET_NAME, ctypes.create_string_buffer(raw, _TASK_COMM_LEN))
+
+
+def _get_thread_name() -> str:
+    """The calling thread's kernel name (``prctl(PR_GET_NAME)``); ``""`` off Linux."""
+    if not _IS_LINUX or _get_libc() is None:
+        return ""
+    buf = ctypes.create_string_buffer(_TASK_COMM_LEN)
+    _prctl(_PR_GET_NAME, buf)
+    return buf.value.decode("utf-8", errors="replace")
+
+
+def register_after_fork(func: Callable[[], object]) -> None:
+    """Run ``func()`` in the child after every ``os.fork()`` (torch's ``register_after_fork``)."""
+    if hasattr(os, "register_at_fork"):
+        os.register_at_fork(after_in_child=func)
+    else:  # pragma: no cover - Windows: only multiprocessing's own children
+        import multiprocessing.util
+
+        multiprocessing.util.register_after_fork(func, lambda f: f())
+
+
+def raise_fd_limit() -> None:
+    """Raise the soft ``RLIMIT_NOFILE`` to the hard limit (at most ``1 << 20``); ignore failures."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - Windows
+        return
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        target = _FD_LIMIT_CAP if hard == resource.RLIM_INFINITY else min(hard, _FD_LIMIT_CAP)
+        if soft == resource.RLIM_INFINITY or soft >= target:
+            return
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (OSError, ValueError):
+        pass

@@ -1,0 +1,276 @@
+"""Reducers that make ``ForkingPickler`` carry ndarrays as shared-memory handles.
+
+Registered once, idempotently, by :func:`init_reductions` (importing ``aioshm`` or
+``aioshm.multiprocessing`` does it), so every queue, pipe, process argument and pool task
+pickled by ``multiprocessing.reduction.ForkingPickler`` carries them.
+
+An ndarray is reduced to ``(_rebuild_ndarray, (ref, pooled, offset, shape, strides, dtype,
+readonly))``:
+
+* a shared array, or any view of one, names its segment (``ref``): O(1) in its size, and
+  writes on either side are seen by the other;
+* a non-shared array of at least :func:`get_share_threshold` bytes is copied once into a
+  recycled segment and sent the same way (value semantics, one copy instead of pickle's several);
+* smaller arrays and object dtypes pickle inline, as numpy does.
+
+How ``ref`` reaches the other process (see Note [Segment lifetime] in ``_shm/_segment.py``):
+
+* through aioshm's own connections and queues, a segment fd rides in the same ``sendmsg`` as
+  the frame (SCM_RIGHTS); the pickle stores only its index in the message (:func:`dumps` and
+  :func:`loads` set up that context);
+* anywhere else (a stdlib connection, a process being started), it falls back to
+  ``multiprocessing.reduction.DupFd``: inherited while spawning, else the stdlib's
+  ``resource_sharer``;
+* ``file_system`` segments travel as a name plus an in-flight ticket (a hard link).
+
+Several views of one buffer in one message share one fd, and arrive as views of one mapping.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import struct
+import threading
+import weakref
+from collections.abc import Callable
+from multiprocessing import context as _mp_context
+from multiprocessing import reduction as _mp_reduction
+from typing import Any, Final
+
+import numpy as np
+
+from ._exceptions import ProtocolError
+from ._shm import _segment
+from ._shm._array import copy_into_pool, segment_buffer_of, view_on
+
+__all__ = (
+    "ForkingPickler",
+    "dumps",
+    "get_share_threshold",
+    "init_reductions",
+    "loads",
+    "reduce_ndarray",
+    "set_share_threshold",
+    "take_fd",
+)
+
+ForkingPickler = _mp_reduction.ForkingPickler
+
+SHARE_THRESHOLD_DEFAULT: Final = 64 * 1024
+_threshold = SHARE_THRESHOLD_DEFAULT
+
+#: Prefix of a payload that carries fds: magic, number of fds, spilled length (0 = inline).
+FD_HEADER: Final = struct.Struct("!4sIQ")
+FD_MAGIC: Final = b"AIOX"
+MAX_FDS_PER_MESSAGE: Final = 253  # SCM_MAX_FD on Linux
+
+
+def get_share_threshold() -> int:
+    """Non-shared arrays of at least this many bytes travel through shared memory."""
+    return _threshold
+
+
+def set_share_threshold(nbytes: int) -> None:
+    """Set the size from which non-shared arrays are copied into shared memory when sent.
+
+    Below it they are pickled inline. ``0`` sends every non-object array through shared memory.
+    """
+    global _threshold
+    if not isinstance(nbytes, int) or nbytes < 0:
+        raise ValueError(f"threshold must be a non-negative int, got {nbytes!r}")
+    _threshold = nbytes
+
+
+class _Local(threading.local):
+    out: list[int] | None = None  # fds collected for the message being pickled
+    owned: list[bool] | None = None  # whether each collected fd is ours to close after sending
+    memo: dict[object, int] | None = None
+    incoming: list[int | None] | None = None  # fds received with the message being unpickled
+
+
+_local = _Local()
+
+
+# --------------------------------------------------------------------------- fd references
+
+
+def fd_ref(fd: int, *, owned: bool, memo_key: object = None) -> object:
+    """A picklable reference to ``fd`` for the message being pickled.
+
+    In an aioshm message this is an index into the fds sent with it; otherwise a stdlib
+    ``DupFd``. ``owned`` fds (tickets) are closed once the message has been sent.
+    """
+    out = _local.out
+    if out is not None:
+        memo = _local.memo
+        assert memo is not None and _local.owned is not None
+        if memo_key is not None and memo_key in memo:
+            if owned:
+                os.close(fd)
+            return memo[memo_key]
+        if len(out) >= MAX_FDS_PER_MESSAGE:
+            if owned:
+                os.close(fd)
+            raise ValueError(
+                f"a message may carry at most {MAX_FDS_PER_MESSAGE} shared segments; "
+                "send fewer distinct arrays per message"
+            )
+        out.append(fd)
+        _local.owned.append(owned)
+        if memo_key is not None:
+            memo[memo_key] = len(out) - 1
+        return len(out) - 1
+    popen = _mp_context.get_spawning_popen()
+    dup = _mp_reduction.DupFd(fd)
+    if owned:
+        if popen is not None:
+            # the fork server / spawn passes this very fd at launch: close it when the popen goes
+            weakref.finalize(popen, os.close, fd)
+        else:
+            os.close(fd)  # resource_sharer kept its own duplicate
+    return dup
+
+
+def take_fd(ref: object) -> int:
+    """The fd a reference made by :func:`fd_ref` stands for, owned by the caller."""
+    if isinstance(ref, int):
+        incoming = _local.incoming
+        if incoming is None or not 0 <= ref < len(incoming) or incoming[ref] is None:
+            raise ProtocolError(f"message refers to fd #{ref}, which did not arrive with it")
+        fd = incoming[ref]
+        assert fd is not None
+        # the same index may be referenced again in this message: hand out duplicates
+        incoming[ref] = None
+        try:
+            incoming[ref] = os.dup(fd)
+        except OSError:
+            incoming[ref] = None
+        return fd
+    detach: Callable[[], int] | None = getattr(ref, "detach", None)
+    if detach is None:
+        raise ProtocolError(f"invalid fd reference {ref!r}")
+    return detach()
+
+
+# --------------------------------------------------------------------------- ndarray
+
+
+def _rebuild_ndarray(
+    ref: object,
+    pooled: bool,
+    offset: int,
+    shape: tuple[int, ...],
+    strides: tuple[int, ...],
+    dtype: np.dtype,
+    readonly: bool,
+) -> np.ndarray:
+    if isinstance(ref, tuple) and len(ref) == 3 and ref[0] == "name":
+        buf = _segment.attach_name(ref[1], ref[2], pooled=pooled)
+    else:
+        buf = _segment.attach_fd(take_fd(ref), pooled=pooled)
+    return view_on(buf, offset, shape, strides, dtype, readonly)
+
+
+def reduce_ndarray(a: np.ndarray) -> tuple[Any, ...]:
+    """The ForkingPickler reducer for :class:`numpy.ndarray` (see the module docstring)."""
+    buf = segment_buffer_of(a)
+    target = a
+    if buf is None:
+        if a.dtype.hasobject or a.nbytes < _threshold or a.nbytes == 0:
+            return a.__reduce__()  # type: ignore[no-any-return]
+        target = copy_into_pool(a)
+        buf = segment_buffer_of(target)
+        assert buf is not None
+    seg = buf.segment
+    offset = target.__array_interface__["data"][0] - seg.address if target.size else 0
+    if seg.name is not None:
+        ref: object = ("name", seg.name, seg.ticket_name())
+    else:
+        ref = fd_ref(seg.ticket_fd(), owned=True, memo_key=seg.key)
+    return (
+        _rebuild_ndarray,
+        (
+            ref,
+            seg.pooled,
+            offset,
+            target.shape,
+            target.strides,
+            target.dtype,
+            not a.flags.writeable,
+        ),
+    )
+
+
+_installed = False
+
+
+def init_reductions() -> None:
+    """Register aioshm's reducers with ``ForkingPickler`` (idempotent)."""
+    global _installed
+    if _installed:
+        return
+    ForkingPickler.register(np.ndarray, reduce_ndarray)
+    _installed = True
+
+
+# --------------------------------------------------------------------------- payloads
+
+
+def dumps(obj: object) -> tuple[bytes | bytearray | memoryview, list[int], list[bool]]:
+    """Pickle ``obj`` with fds in-band: ``(payload, fds, owned)``.
+
+    The payload is a plain ``ForkingPickler`` pickle when no fd is needed (byte-compatible with
+    the stdlib), else :data:`FD_HEADER` followed by the pickle. The caller sends ``fds`` with
+    the payload and then closes the ``owned`` ones.
+    """
+    fds: list[int] = []
+    owned: list[bool] = []
+    prev = (_local.out, _local.owned, _local.memo)
+    _local.out, _local.owned, _local.memo = fds, owned, {}
+    try:
+        data = ForkingPickler.dumps(obj, pickle.HIGHEST_PROTOCOL)
+    except BaseException:
+        close_owned(fds, owned)
+        raise
+    finally:
+        _local.out, _local.owned, _local.memo = prev
+    if fds:
+        return FD_HEADER.pack(FD_MAGIC, len(fds), 0) + data, fds, owned
+    return data, fds, owned
+
+
+def close_owned(fds: list[int], owned: list[bool]) -> None:
+    """Close the fds that :func:`dumps` created for a message (after sending or on failure)."""
+    for fd, mine in zip(fds, owned, strict=True):
+        if mine:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def split_payload(data: bytes | bytearray | memoryview) -> tuple[int, int, memoryview]:
+    """``(nfds, spilled_length, pickle)`` of a received payload."""
+    view = memoryview(data)
+    if len(view) >= FD_HEADER.size and view[:4] == FD_MAGIC:
+        _, nfds, spilled = FD_HEADER.unpack_from(view)
+        return nfds, spilled, view[FD_HEADER.size :]
+    return 0, 0, view
+
+
+def loads(data: bytes | bytearray | memoryview, fds: list[int]) -> Any:
+    """Unpickle a payload made by :func:`dumps`, adopting ``fds`` (all closed or consumed)."""
+    incoming: list[int | None] = list(fds)
+    prev = _local.incoming
+    _local.incoming = incoming
+    try:
+        nfds, _, body = split_payload(data)
+        if nfds != len(fds):
+            raise ProtocolError(f"message announced {nfds} fds but {len(fds)} arrived")
+        return ForkingPickler.loads(body)
+    finally:
+        _local.incoming = prev
+        for fd in incoming:
+            if fd is not None:
+                os.close(fd)

@@ -1,0 +1,63 @@
+"""Shared-memory segments and arrays on them (pure: no processes, no event loop)."""
+
+from __future__ import annotations
+
+from ._array import (
+    copy_into_pool,
+    empty,
+    empty_like,
+    full,
+    full_like,
+    is_shared,
+    ones,
+    ones_like,
+    segment_buffer_of,
+    share,
+    view_on,
+    zeros,
+    zeros_like,
+)
+from ._segment import (
+    Segment,
+    SegmentBuffer,
+    attach_fd,
+    attach_name,
+    cleanup_orphans,
+    create,
+    get_all_sharing_strategies,
+    get_sharing_strategy,
+    live_segments,
+    set_pool_limit,
+    set_sharing_strategy,
+    shm_dir,
+    trim,
+)
+
+__all__ = (
+    "Segment",
+    "SegmentBuffer",
+    "attach_fd",
+    "attach_name",
+    "cleanup_orphans",
+    "copy_into_pool",
+    "create",
+    "empty",
+    "empty_like",
+    "full",
+    "full_like",
+    "get_all_sharing_strategies",
+    "get_sharing_strategy",
+    "is_shared",
+    "live_segments",
+    "ones",
+    "ones_like",
+    "segment_buffer_of",
+    "set_pool_limit",
+    "set_sharing_strategy",
+    "share",
+    "shm_dir",
+    "trim",
+    "view_on",
+    "zeros",
+    "zeros_like",
+)

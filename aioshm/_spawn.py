@@ -1,0 +1,508 @@
+"""Process groups with torch's semantics: ``spawn``, ``start_processes``, ``ProcessContext``.
+
+``fn(rank, *args)`` runs in one process per rank. The first rank that fails makes ``join`` stop
+the others (SIGTERM, a grace period, then SIGKILL) and raise
+:class:`~aioshm._exceptions.ProcessRaisedException` (the child raised; the original exception is
+its ``__cause__`` when it could be pickled) or
+:class:`~aioshm._exceptions.ProcessExitedException` (the child died without a result).
+
+Beyond torch: every rank's return value travels back (``ProcessContext.results``), the original
+exception type survives, and a child's ``KeyboardInterrupt`` counts as a failure.
+
+Each rank reports over its own one-way pipe, which ``join`` drains while it waits on the process
+sentinels, so a child blocked writing a large traceback or result never deadlocks the join.
+No anyio here: this is the synchronous face, and the code that runs in the child.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import pickle
+import sys
+import time
+import traceback
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from multiprocessing.process import BaseProcess
+from multiprocessing.reduction import ForkingPickler
+from typing import Any, Protocol
+
+from . import _procutil
+from ._exceptions import (
+    ProcessException,
+    ProcessExitedException,
+    ProcessRaisedException,
+    RemoteTraceback,
+    signal_name_of,
+)
+
+__all__ = (
+    "ENV_VAR_PARALLEL_START",
+    "ProcessContext",
+    "spawn",
+    "start_processes",
+)
+
+log = logging.getLogger(__name__)
+
+ENV_VAR_PARALLEL_START = "TORCH_MP_PARALLEL_START"
+
+# Default grace period between SIGTERM and SIGKILL when a rank fails (torch's value).
+_DEFAULT_GRACE_PERIOD = 30.0
+
+# Grace period used when the parent itself is interrupted while joining (Ctrl-C, an error).
+_INTERRUPT_GRACE_PERIOD = 5.0
+
+# The pipe factory for the result channel, called as ``_Pipe(duplex=False)`` → (reader, writer).
+# Only send, recv, poll, fileno and close are used on its ends.
+_Pipe = multiprocessing.Pipe
+
+
+class _ResultConnection(Protocol):
+    """The part of a connection that the result channel uses."""
+
+    def send(self, obj: Any) -> None: ...
+    def recv(self) -> Any: ...
+    def poll(self, timeout: float | None = ...) -> bool: ...
+    def fileno(self) -> int: ...
+    def close(self) -> None: ...
+
+
+# ---------------------------------------------------------------------------------------------
+# child side
+
+
+def _type_name(tp: type) -> str:
+    """``ValueError`` for builtins, ``package.module.Class`` otherwise."""
+    module = getattr(tp, "__module__", None)
+    if module in (None, "builtins", "__builtin__"):
+        return tp.__qualname__
+    return f"{module}.{tp.__qualname__}"
+
+
+def _round_trips(obj: object) -> bool:
+    """Whether ``obj`` survives a ForkingPickler dump and a load (so the parent can rebuild it)."""
+    try:
+        pickle.loads(ForkingPickler.dumps(obj))
+    except Exception:  # noqa: BLE001 - any failure of a user's __reduce__ means "no"
+        return False
+    return True
+
+
+def _report_raised(conn: _ResultConnection, exc: BaseException) -> None:
+    """Send ``("raised", exc_or_None, type_name, traceback_text)``; ignore a gone parent."""
+    tb_text = "".join(traceback.format_exception(exc))
+    payload = exc if _round_trips(exc) else None
+    try:
+        conn.send(("raised", payload, _type_name(type(exc)), tb_text))
+    except Exception:  # noqa: BLE001 - the checked exception failed after all, or no parent
+        # The type name and the text still carry the failure; a gone parent needs nothing.
+        with contextlib.suppress(Exception):
+            conn.send(("raised", None, _type_name(type(exc)), tb_text))
+
+
+def _wrap(
+    fn: Callable[..., object], rank: int, args: Sequence[object], result_conn: _ResultConnection
+) -> None:
+    """Child entry point: run ``fn(rank, *args)`` and report its outcome to the parent.
+
+    Success sends ``("ok", value)``. An exception (``KeyboardInterrupt`` included, and a return
+    value that cannot be pickled) sends ``("raised", exc_or_None, type_name, traceback_text)``
+    and exits with code 1. ``SystemExit`` passes through untouched (its code is the exit code).
+    """
+    _procutil.arm_parent_death_watch()
+    failed = False
+    try:
+        try:
+            value = fn(rank, *args)
+        except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - reported to the parent
+            failed = True
+            _report_raised(result_conn, exc)
+        else:
+            try:
+                result_conn.send(("ok", value))
+            except (BrokenPipeError, ConnectionResetError):
+                failed = True  # the parent is gone: nobody to report to
+            except Exception as err:  # noqa: BLE001 - the value could not be pickled
+                failed = True
+                try:
+                    raise pickle.PicklingError(
+                        f"process {rank}: the return value of {_fn_name(fn)} cannot be sent to "
+                        f"the parent: a {_type_name(type(value))} could not be pickled ({err!r})"
+                    ) from err
+                except pickle.PicklingError as perr:
+                    _report_raised(result_conn, perr)
+    finally:
+        result_conn.close()
+    if failed:
+        sys.exit(1)
+
+
+def _fn_name(fn: Callable[..., object]) -> str:
+    name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None)
+    return f"{name}()" if name else repr(fn)
+
+
+# ---------------------------------------------------------------------------------------------
+# parent side
+
+
+class ProcessContext:
+    """A started group of ranks (torch's ``ProcessContext``), plus their return values.
+
+    ``processes[i]`` runs rank ``i``; ``result_conns[i]`` is the reading end of its result pipe
+    (the context owns it and closes it). ``results[i]`` holds rank ``i``'s return value once
+    :meth:`join` has returned True (None for a rank that exited with code 0 without returning,
+    such as ``sys.exit(0)``).
+
+    Once ``join`` has reaped a rank, it also closes the fds that rank's ``Process`` object kept
+    for waiting: ``exitcode``, ``is_alive()`` and ``join()`` keep working, ``sentinel`` does not.
+    """
+
+    def __init__(
+        self,
+        processes: Sequence[BaseProcess],
+        result_conns: Sequence[_ResultConnection | None],
+    ) -> None:
+        if len(processes) != len(result_conns):
+            raise ValueError("one result connection per process is required")
+        self.processes: list[BaseProcess] = list(processes)
+        self.results: list[Any] = [None] * len(self.processes)
+        # sentinel fd -> rank, for ranks not reaped yet (torch's attribute name).
+        self.sentinels: dict[int, int] = {}
+        for index, process in enumerate(self.processes):
+            self.sentinels[process.sentinel] = index
+        self._conns: dict[int, _ResultConnection] = {}
+        self._reader_fds: dict[int, int] = {}  # reader fd -> rank
+        for index, conn in enumerate(result_conns):
+            if conn is not None:
+                self._conns[index] = conn
+                self._reader_fds[conn.fileno()] = index
+        # rank -> the report it sent: ("ok", value) | ("raised", exc, name, tb) | ("lost", exc)
+        self._reports: dict[int, tuple[Any, ...]] = {}
+
+    def pids(self) -> list[int]:
+        """The process ids, in rank order."""
+        return [int(p.pid) if p.pid is not None else -1 for p in self.processes]
+
+    # -- the result pipes -----------------------------------------------------------------
+
+    def _receive(self, index: int, *, exited: bool) -> None:
+        """Read rank ``index``'s report if one is there, and close its pipe once it is done.
+
+        While the rank runs, a readable pipe means a report is coming (or EOF): a blocking
+        ``recv`` completes as the child writes. Once it has exited, whatever it wrote is already
+        in the pipe, so the fd is made non-blocking first: a report cut short by a kill (with a
+        forked grandchild still holding the write end) must not block the parent.
+        """
+        conn = self._conns.get(index)
+        if conn is None:
+            return
+        try:
+            if exited:
+                try:
+                    os.set_blocking(conn.fileno(), False)
+                except OSError:
+                    pass
+            if conn.poll(0):
+                try:
+                    report = conn.recv()
+                except (EOFError, OSError):
+                    pass
+                except Exception as exc:  # noqa: BLE001 - arrived, but cannot be rebuilt here
+                    self._reports.setdefault(index, ("lost", exc))
+                else:
+                    if isinstance(report, tuple) and report and report[0] in ("ok", "raised"):
+                        self._reports.setdefault(index, report)
+                    else:
+                        bad = pickle.UnpicklingError(f"malformed report {report!r:.200}")
+                        self._reports.setdefault(index, ("lost", bad))
+                self._close_conn(index)
+            elif exited:
+                self._close_conn(index)
+        except BaseException:
+            self._close_conn(index)
+            raise
+
+    def _close_conn(self, index: int) -> None:
+        conn = self._conns.pop(index, None)
+        if conn is None:
+            return
+        for fd, rank in list(self._reader_fds.items()):
+            if rank == index:
+                del self._reader_fds[fd]
+        conn.close()
+
+    def _close_all_conns(self) -> None:
+        for index in list(self._conns):
+            self._close_conn(index)
+
+    # -- waiting ---------------------------------------------------------------------------
+
+    def _wait(self, timeout: float | None) -> list[int]:
+        """Wait on the live sentinels and open pipes; drain readable pipes; return exited ranks.
+
+        Returns as soon as at least one rank exited, or an empty list when ``timeout`` expires.
+        Each returned rank is reaped and its pipe drained and closed.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            waitables = [*self.sentinels, *self._reader_fds]
+            if not waitables:
+                return []
+            ready = multiprocessing.connection.wait(waitables, remaining)
+            exited: list[int] = []
+            for obj in ready:
+                assert isinstance(obj, int)
+                if obj in self._reader_fds:
+                    self._receive(self._reader_fds[obj], exited=False)
+                elif obj in self.sentinels:
+                    exited.append(obj)
+            if exited:
+                ranks = []
+                for sentinel in exited:
+                    index = self.sentinels.pop(sentinel)
+                    self._reap(index)
+                    self._receive(index, exited=True)
+                    ranks.append(index)
+                return ranks
+            if not ready:
+                return []
+
+    def _reap(self, index: int) -> None:
+        """Join rank ``index`` and release the fds its process object keeps for waiting.
+
+        A reaped ``Process`` still answers ``exitcode``, ``is_alive()`` and ``join()`` (they use
+        the stored return code), but its ``sentinel`` is closed from then on.
+        """
+        process = self.processes[index]
+        process.join()
+        popen = getattr(process, "_popen", None)
+        if popen is not None and getattr(popen, "returncode", None) is not None:
+            close = getattr(popen, "close", None)
+            if callable(close):
+                close()
+
+    def _join_all(self, timeout: float) -> None:
+        """Reap ranks (draining pipes) until none is left or ``timeout`` seconds have passed."""
+        deadline = time.monotonic() + timeout
+        while self.sentinels:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not self._wait(remaining):
+                return
+
+    def _failed(self, index: int) -> bool:
+        exitcode = self.processes[index].exitcode
+        report = self._reports.get(index)
+        return exitcode != 0 or (report is not None and report[0] != "ok")
+
+    def _stop_all(self, grace_period: float | None) -> None:
+        """torch's shutdown: (wait out ``grace_period``), SIGTERM, wait, SIGKILL, reap, close."""
+        try:
+            if grace_period is not None:
+                self._join_all(grace_period)
+            for process in self.processes:
+                if process.is_alive():
+                    log.info("Terminating process %s via signal SIGTERM", process.pid)
+                    process.terminate()
+            self._join_all(_DEFAULT_GRACE_PERIOD if grace_period is None else grace_period)
+        finally:
+            for process in self.processes:
+                if process.is_alive():
+                    log.warning(
+                        "Unable to shutdown process %s via SIGTERM , forcefully exiting via "
+                        "SIGKILL",
+                        process.pid,
+                    )
+                    process.kill()
+            for index in range(len(self.processes)):
+                self._reap(index)
+            for index in list(self._conns):
+                self._receive(index, exited=True)
+            self.sentinels.clear()
+            self._close_all_conns()
+
+    def join(self, timeout: float | None = None, grace_period: float | None = None) -> bool:
+        """Wait for the ranks (torch's algorithm); True once all of them exited successfully.
+
+        Returns False when ``timeout`` expires or when only some ranks have exited so far; call
+        it again (``while not ctx.join(): pass``). Once it returned True it keeps returning True.
+        On the first failure the other ranks get ``grace_period`` seconds to exit by themselves
+        (when given), then SIGTERM, then ``grace_period`` (default 30 s) more, then SIGKILL; all
+        are reaped, every pipe is closed, and the failure is raised as
+        :class:`ProcessRaisedException` or :class:`ProcessExitedException`.
+        """
+        if not self.sentinels:
+            self._close_all_conns()
+            return True
+        try:
+            ranks = self._wait(timeout)
+        except BaseException:
+            self._stop_all(_INTERRUPT_GRACE_PERIOD)
+            raise
+        error_index = next((i for i in ranks if self._failed(i)), None)
+        if error_index is None:
+            for index in ranks:
+                report = self._reports.get(index)
+                if report is not None and report[0] == "ok":
+                    self.results[index] = report[1]
+            if not self.sentinels:
+                self._close_all_conns()
+                return True
+            return False
+        self._stop_all(grace_period)
+        raise self._error(error_index)
+
+    def _error(self, index: int) -> ProcessException:
+        """The exception for failed rank ``index``, with the original as ``__cause__``."""
+        process = self.processes[index]
+        pid = int(process.pid) if process.pid is not None else -1
+        exitcode = process.exitcode if process.exitcode is not None else -1
+        report = self._reports.get(index)
+        if report is not None and report[0] == "raised":
+            _, original, type_name, tb_text = report
+            error = ProcessRaisedException(
+                f"\n\n-- Process {index} terminated with the following error:\n{tb_text}",
+                index,
+                pid,
+                str(type_name),
+                str(tb_text),
+            )
+            if isinstance(original, BaseException):
+                original.__cause__ = RemoteTraceback(str(tb_text))
+                error.__cause__ = original
+            return error
+        if report is not None and report[0] == "lost":
+            lost = report[1]
+            tb_text = "".join(traceback.format_exception(lost))
+            msg = (
+                f"\n\n-- Process {index} terminated with the following error:\n"
+                f"its report could not be received by the parent:\n{tb_text}"
+            )
+            error = ProcessRaisedException(msg, index, pid, _type_name(type(lost)), tb_text)
+            error.__cause__ = lost
+            return error
+        if exitcode < 0:
+            name = signal_name_of(exitcode)
+            return ProcessExitedException(
+                f"process {index} terminated with signal {name}",
+                index,
+                pid,
+                exitcode,
+                name,
+            )
+        return ProcessExitedException(
+            f"process {index} terminated with exit code {exitcode}", index, pid, exitcode
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# starting
+
+
+def _kill_and_reap(processes: Iterable[BaseProcess]) -> None:
+    """Best-effort cleanup of a half-started group: SIGKILL what runs, reap everything."""
+    for process in processes:
+        if process.pid is not None and process.is_alive():
+            process.kill()
+    for process in processes:
+        if process.pid is not None:
+            process.join()
+
+
+def start_processes(
+    fn: Callable[..., object],
+    args: Sequence[object] = (),
+    nprocs: int = 1,
+    join: bool = True,
+    daemon: bool = False,
+    start_method: str = "spawn",
+) -> ProcessContext | None:
+    """Start ``nprocs`` processes running ``fn(rank, *args)`` (torch's ``start_processes``).
+
+    ``fn`` must be importable by the children under ``spawn`` and ``forkserver``. With
+    ``start_method="forkserver"`` and ``TORCH_MP_PARALLEL_START=1`` in the environment the
+    processes are started from a thread pool. With ``join=True`` this waits for all of them
+    and returns None (raising on the first failure); otherwise it returns the
+    :class:`ProcessContext`.
+    """
+    ctx = multiprocessing.get_context(start_method)
+    args = tuple(args)
+    processes: list[BaseProcess] = []
+    readers: list[_ResultConnection] = []
+    writers: list[_ResultConnection] = []
+    try:
+        parallel = (
+            start_method == "forkserver" and os.environ.get(ENV_VAR_PARALLEL_START, "0") == "1"
+        )
+
+        def make(rank: int) -> BaseProcess:
+            reader, writer = _Pipe(duplex=False)
+            readers.append(reader)
+            writers.append(writer)
+            process: BaseProcess = ctx.Process(  # type: ignore[attr-defined]
+                target=_wrap, args=(fn, rank, args, writer), daemon=daemon
+            )
+            processes.append(process)
+            return process
+
+        if parallel:
+            for rank in range(nprocs):
+                make(rank)
+            with concurrent.futures.ThreadPoolExecutor(
+                max_workers=max(1, nprocs), thread_name_prefix="aioshm-start"
+            ) as executor:
+                futures = [executor.submit(p.start) for p in processes]
+                errors = [f.exception() for f in futures]
+            for error in errors:
+                if error is not None:
+                    raise error
+            for writer in writers:
+                writer.close()
+        else:
+            for rank in range(nprocs):
+                process = make(rank)
+                process.start()
+                # Close the parent's write end before the next start, so that under fork a
+                # later sibling does not inherit it.
+                writers[rank].close()
+    except BaseException:
+        for conn in (*writers, *readers):
+            conn.close()
+        _kill_and_reap(processes)
+        raise
+
+    context = ProcessContext(processes, readers)
+    if not join:
+        return context
+    while not context.join():
+        pass
+    return None
+
+
+def spawn(
+    fn: Callable[..., object],
+    args: Sequence[object] = (),
+    nprocs: int = 1,
+    join: bool = True,
+    daemon: bool = False,
+    start_method: str = "spawn",
+) -> ProcessContext | None:
+    """torch's ``spawn``: :func:`start_processes` with ``start_method="spawn"``, always.
+
+    Any other ``start_method`` is ignored with a :class:`FutureWarning`.
+    """
+    if start_method != "spawn":
+        msg = (
+            f"This method only supports start_method=spawn (got: {start_method}).\n"
+            "To use a different start_method use:\n\t\t"
+            " aioshm.multiprocessing.start_processes(...)"
+        )
+        warnings.warn(msg, FutureWarning, stacklevel=2)
+    return start_processes(fn, args, nprocs, join, daemon, start_method="spawn")

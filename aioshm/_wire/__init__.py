@@ -1,0 +1,26 @@
+"""Sans-IO wire protocol: the ``multiprocessing.connection`` frame format, with no I/O.
+
+Nothing here reads or writes a file descriptor, imports anyio, or knows about processes; the
+transport layer feeds bytes in and writes the bytes it is given. See Note [Frame layout] in
+``_framing.py``.
+"""
+
+from __future__ import annotations
+
+from ._framing import (
+    DEFAULT_MAX_FRAME_SIZE,
+    NEED_DATA,
+    FrameDecoder,
+    NeedData,
+    encode_frame,
+    encode_header,
+)
+
+__all__ = (
+    "DEFAULT_MAX_FRAME_SIZE",
+    "NEED_DATA",
+    "FrameDecoder",
+    "NeedData",
+    "encode_frame",
+    "encode_header",
+)

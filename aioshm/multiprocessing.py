@@ -1,0 +1,63 @@
+"""``import aioshm.multiprocessing as mp``: a drop-in for :mod:`multiprocessing`.
+
+Everything of the stdlib module is here (``__all__`` is a superset of the stdlib's), with
+aioshm's reducers active so ndarrays in shared memory travel as handles, plus torch's extras:
+``spawn``, ``start_processes``, ``ProcessContext``, ``ProcessRaisedException``,
+``ProcessExitedException``, ``ENV_VAR_PARALLEL_START``, the sharing-strategy functions and
+``_set_thread_name``/``_get_thread_name``.
+
+``Queue``, ``JoinableQueue``, ``SimpleQueue``, ``Pipe`` and ``Pool`` (module-level and on every
+context from ``get_context``) build aioshm's own objects: the stdlib blocking API and
+semantics, carrying shared-memory fds in-band, with no feeder or resource-sharer thread.
+Start-method state is shared with the stdlib module. This module never imports anyio.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as _stdlib_mp
+from multiprocessing import *  # noqa: F403
+from typing import Any
+
+from . import _procutil, _reduction
+from ._connection import Connection
+from ._context import default_context as _default_context
+from ._exceptions import ProcessException, ProcessExitedException, ProcessRaisedException
+from ._shm import get_all_sharing_strategies, get_sharing_strategy, set_sharing_strategy
+from ._spawn import ENV_VAR_PARALLEL_START, ProcessContext, spawn, start_processes
+
+_set_thread_name = _procutil._set_thread_name
+_get_thread_name = _procutil._get_thread_name
+register_after_fork = _procutil.register_after_fork
+
+# Like the stdlib's __init__: module-level names are the default context's bound methods.
+globals().update((_name, getattr(_default_context, _name)) for _name in _stdlib_mp.__all__)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "SpawnContext":  # torch's deprecated alias
+        import warnings
+
+        warnings.warn(
+            "SpawnContext is renamed to ProcessContext", DeprecationWarning, stacklevel=2
+        )
+        return ProcessContext
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [
+    *_stdlib_mp.__all__,
+    "Connection",
+    "ENV_VAR_PARALLEL_START",
+    "ProcessContext",
+    "ProcessException",
+    "ProcessExitedException",
+    "ProcessRaisedException",
+    "get_all_sharing_strategies",
+    "get_sharing_strategy",
+    "set_sharing_strategy",
+    "spawn",
+    "start_processes",
+]
+
+_reduction.init_reductions()
+_procutil.raise_fd_limit()
