@@ -31,12 +31,12 @@ from typing import Any, Final
 from . import _reduction
 from ._exceptions import FdLimitError, ProtocolError
 from ._reduction import FD_HEADER, FD_MAGIC, MAX_FDS_PER_MESSAGE
+from ._wire import NEED_DATA, FrameDecoder, encode_frame
 
 __all__ = ("MAX_RECORD", "Connection", "Pipe", "RecordChannel", "record_pair")
 
 _CMSG_SPACE: Final = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * 4)
 _RECV_FLAGS: Final = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
-_HEADER: Final = struct.Struct("!i")
 #: Records larger than this are spilled into a memfd (kernel socket buffers stay small).
 MAX_RECORD: Final = 64 * 1024
 _SOCKBUF: Final = 4 << 20
@@ -86,12 +86,23 @@ def _rlimit_hint(exc: OSError) -> OSError:
 class Connection(_mp_connection.Connection):
     """A stdlib ``Connection`` over a Unix socket that also carries shared-memory fds.
 
-    ``send``/``recv`` pickle with aioshm's reducers; arrays in shared memory travel as
-    handles whose fds ride with the frame. ``send_bytes``/``recv_bytes`` are byte-for-byte
-    the stdlib's.
+    ``send``/``recv`` pickle with aioshm's reducers; arrays in shared memory travel as handles
+    whose fds ride with the frame. ``send_bytes``/``recv_bytes`` are byte-for-byte the
+    stdlib's. Each blocking method has an awaitable twin (``send_async``, ``recv_async``,
+    ``poll_async``, ``send_bytes_async``, ``recv_bytes_async``) and ``async for msg in conn``
+    receives until EOF.
+
+    Reading goes through one sans-IO :class:`~aioshm._wire.FrameDecoder` shared by both
+    faces, with exact-size reads so fds always belong to the frame being read: a cancelled
+    ``recv_async`` keeps what it read, and the next receive, sync or async, goes on from there.
+    The fd itself stays blocking; the async face uses ``MSG_DONTWAIT`` per call, so a child
+    sharing the socket is never switched to non-blocking under its feet.
     """
 
     _sock: socket.socket | None = None
+    _decoder: FrameDecoder | None = None
+    _fdq: list[int] | None = None
+    _async_state: Any = None  # per-connection async locks, made by aioshm._transport
 
     def _socket(self) -> socket.socket:
         sock = self._sock
@@ -103,70 +114,154 @@ class Connection(_mp_connection.Connection):
         if self._sock is not None:
             self._sock.detach()
             self._sock = None
+        if self._fdq:
+            _close_all(self._fdq)
+            self._fdq = None
         super()._close()
 
+    # -- sending ----------------------------------------------------------------------------
     def send(self, obj: Any) -> None:
         """Send a picklable object; ndarrays in shared memory go as handles with their fds."""
         self._check_closed()
         self._check_writable()
         data, fds, owned = _reduction.dumps(obj)
         try:
-            if fds:
-                self._send_frame_with_fds(data, fds)
-            else:
-                self._send_bytes(memoryview(data))
+            self._send_payload(data, fds)
         finally:
             _reduction.close_owned(fds, owned)
 
-    def _send_frame_with_fds(self, data: bytes | bytearray | memoryview, fds: list[int]) -> None:
-        payload = memoryview(data)
-        header = _HEADER.pack(len(payload)) if len(payload) <= 0x7FFFFFFF else (
-            _HEADER.pack(-1) + struct.pack("!Q", len(payload))
-        )
-        first = header + bytes(payload[: 16 * 1024])
-        sock = self._socket()
+    def _send_first(self, first: bytes | memoryview, fds: list[int]) -> int:
+        """Non-blocking ``sendmsg`` of a frame's first chunk with its fds; bytes sent (0 if
+        the socket is full, in which case the fds were not sent either)."""
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
         try:
-            sent = sock.sendmsg(
-                [first], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
-            )
+            return self._socket().sendmsg([first], anc, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return 0
         except OSError as exc:
             raise _rlimit_hint(exc) from exc
-        rest = memoryview(first)[sent:]
-        if rest:
-            self._send(rest)
-        if len(payload) > 16 * 1024:
-            self._send(payload[16 * 1024 :])
+
+    def _send_payload(self, data: bytes | bytearray | memoryview, fds: list[int]) -> None:
+        """Blocking send of header+payload, the fds riding with the first byte."""
+        frame = encode_frame(data)
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+        try:
+            sent = self._socket().sendmsg([frame[0]], anc)
+        except OSError as exc:
+            raise _rlimit_hint(exc) from exc
+        view = memoryview(frame[0])[sent:]
+        if view:
+            self._send(view)
+        for part in frame[1:]:
+            self._send(part)
+
+    def _send_bytes(self, buf: Any) -> None:
+        self._send_payload(buf, [])
+
+    # -- receiving --------------------------------------------------------------------------
+    def _read_some(self, flags: int) -> None:
+        """One exact-size read into the decoder (raises BlockingIOError with MSG_DONTWAIT)."""
+        decoder = self._decoder
+        if decoder is None:
+            decoder = self._decoder = FrameDecoder()
+            self._fdq = []
+        want = decoder.want_bytes()
+        sock = self._socket()
+        while True:
+            try:
+                chunk, ancdata, mflags, _ = sock.recvmsg(want, _CMSG_SPACE, _RECV_FLAGS | flags)
+            except InterruptedError:
+                continue
+            break
+        if ancdata:
+            assert self._fdq is not None
+            self._fdq.extend(_fds_from_ancdata(ancdata, mflags))
+        if not chunk:
+            truncated = decoder.pending_bytes > 0
+            if truncated:
+                decoder.receive_eof()  # raises ProtocolError
+            raise EOFError
+        decoder.receive_data(chunk)
+
+    def _next_frame(self) -> tuple[bytes, list[int]] | None:
+        """A complete frame and its fds, if the decoder holds one."""
+        decoder = self._decoder
+        if decoder is None:
+            return None
+        frame = decoder.next_frame()
+        if frame is NEED_DATA:
+            return None
+        assert isinstance(frame, bytes) and self._fdq is not None
+        nfds, _, _ = _reduction.split_payload(frame)
+        if nfds > len(self._fdq):
+            raise ProtocolError(f"frame announced {nfds} fds but {len(self._fdq)} arrived")
+        fds, self._fdq[:nfds] = self._fdq[:nfds], []
+        return frame, fds
+
+    def _recv_frame_blocking(self) -> tuple[bytes, list[int]]:
+        while True:
+            got = self._next_frame()
+            if got is not None:
+                return got
+            self._read_some(0)
 
     def recv(self) -> Any:
         """Receive an object sent with :meth:`send` (or by a stdlib ``Connection``)."""
         self._check_closed()
         self._check_readable()
-        buf, fds = self._recv_frame()
-        return _reduction.loads(buf.getbuffer(), fds)
+        frame, fds = self._recv_frame_blocking()
+        return _reduction.loads(frame, fds)
 
-    def _recv_frame(self) -> tuple[io.BytesIO, list[int]]:
-        sock = self._socket()
-        fds: list[int] = []
-        try:
-            header = b""
-            while len(header) < 4:
-                try:
-                    chunk, ancdata, flags, _ = sock.recvmsg(4 - len(header), _CMSG_SPACE, _RECV_FLAGS)
-                except InterruptedError:
-                    continue
-                if not chunk:
-                    raise EOFError if not header else OSError("got end of file during message")
-                fds.extend(_fds_from_ancdata(ancdata, flags))
-                header += chunk
-            (size,) = _HEADER.unpack(header)
-            if size == -1:
-                size = struct.unpack("!Q", self._recv(8).getvalue())[0]
-            elif size < 0:
-                raise ProtocolError(f"bad message length {size}")
-            return self._recv(size), fds
-        except BaseException:
-            _close_all(fds)
-            raise
+    def _recv_bytes(self, maxsize: int | None = None) -> io.BytesIO | None:
+        frame, fds = self._recv_frame_blocking()
+        _close_all(fds)
+        if maxsize is not None and len(frame) > maxsize:
+            return None
+        return io.BytesIO(frame)
+
+    def _poll(self, timeout: float | None) -> bool:
+        decoder = self._decoder
+        if decoder is not None and decoder.want_bytes() == 0:
+            return True
+        return bool(_mp_connection.wait([self], timeout))
+
+    # -- async twins (implemented in aioshm._transport, the layer that imports anyio) -------
+    async def send_async(self, obj: Any) -> None:
+        """Awaitable :meth:`send`: never blocks the event loop."""
+        from ._transport import _conn
+
+        await _conn.send_async(self, obj)
+
+    async def recv_async(self) -> Any:
+        """Awaitable :meth:`recv`. Cancelling it loses no bytes."""
+        from ._transport import _conn
+
+        return await _conn.recv_async(self)
+
+    async def send_bytes_async(
+        self, buf: Any, offset: int = 0, size: int | None = None
+    ) -> None:
+        """Awaitable :meth:`send_bytes`."""
+        from ._transport import _conn
+
+        await _conn.send_bytes_async(self, buf, offset, size)
+
+    async def recv_bytes_async(self, maxlength: int | None = None) -> bytes:
+        """Awaitable :meth:`recv_bytes`."""
+        from ._transport import _conn
+
+        return await _conn.recv_bytes_async(self, maxlength)
+
+    async def poll_async(self, timeout: float | None = 0.0) -> bool:
+        """Awaitable :meth:`poll`: True once a message is waiting (None waits forever)."""
+        from ._transport import _conn
+
+        return await _conn.poll_async(self, timeout)
+
+    def __aiter__(self) -> Any:
+        from ._transport import _conn
+
+        return _conn.iterate(self)
 
     def __reduce__(self) -> tuple[Any, ...]:
         ref = _reduction.fd_ref(os.dup(self.fileno()), owned=True)

@@ -22,6 +22,7 @@ import fcntl
 import multiprocessing
 import os
 import queue as _queue
+import select
 import struct
 import termios
 import time
@@ -31,7 +32,8 @@ from multiprocessing import context as _mp_context
 from typing import Any, Final
 
 from . import _reduction
-from ._connection import RecordChannel, _wait, record_pair
+from ._connection import RecordChannel, record_pair
+from ._exceptions import QueueShutDown
 
 __all__ = ("JoinableQueue", "Queue", "SimpleQueue")
 
@@ -43,7 +45,8 @@ except ImportError:  # pragma: no cover
     _SEM_VALUE_MAX = 2**31 - 1
 
 _PIPE_MAX: Final = 1 << 20
-_POLLIN: Final = 1
+_POLLIN: Final = select.POLLIN
+_POLLOUT: Final = select.POLLOUT
 
 
 def _token_pipe(preload: int) -> tuple[int, int]:
@@ -63,6 +66,23 @@ def _token_pipe(preload: int) -> tuple[int, int]:
 def _pipe_size(fd: int) -> int:
     buf = fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0")
     return int(struct.unpack("i", buf)[0])
+
+
+def _wait_any(fds: list[tuple[int, int]], deadline: float | None) -> bool:
+    """Block until one of ``(fd, events)`` is ready or the deadline passes (False on timeout)."""
+    poller = select.poll()
+    for fd, events in fds:
+        poller.register(fd, events)
+    while True:
+        if deadline is None:
+            timeout_ms = None
+        else:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return bool(poller.poll(0))
+            timeout_ms = max(1, int(remaining * 1000 + 0.999))
+        if poller.poll(timeout_ms):
+            return True
 
 
 def _close_fds(channels: list[RecordChannel], fds: list[int]) -> None:
@@ -87,15 +107,20 @@ class Queue:
         bounded = maxsize <= _PIPE_MAX
         self._slots_r, self._slots_w = _token_pipe(maxsize) if bounded else (-1, -1)
         self._count_r, self._count_w = _token_pipe(0)
+        self._shut_r, self._shut_w = _token_pipe(0)
         self._closed = False
         self._after_init()
 
+    def _fds(self) -> list[int]:
+        return [self._slots_r, self._slots_w, self._count_r, self._count_w, self._shut_r, self._shut_w]
+
+    def _set_fds(self, fds: list[int]) -> None:
+        (self._slots_r, self._slots_w, self._count_r, self._count_w, self._shut_r, self._shut_w) = fds
+
     def _after_init(self) -> None:
+        self._async_state: Any = None
         self._finalizer = weakref.finalize(
-            self,
-            _close_fds,
-            [self._reader, self._writer],
-            [fd for fd in (self._slots_r, self._slots_w, self._count_r, self._count_w) if fd >= 0],
+            self, _close_fds, [self._reader, self._writer], [fd for fd in self._fds() if fd >= 0]
         )
 
     def __repr__(self) -> str:
@@ -104,13 +129,12 @@ class Queue:
     # -- pickling: only while spawning a child, like the stdlib -----------------------------
     def __getstate__(self) -> dict[str, Any]:
         _mp_context.assert_spawning(self)
-        fds = (self._slots_r, self._slots_w, self._count_r, self._count_w)
+        fds = self._fds()
         return {
             "maxsize": self._maxsize,
             "reader": self._reader,
             "writer": self._writer,
             "fds": [_reduction.fd_ref(os.dup(fd), owned=True) if fd >= 0 else None for fd in fds],
-            "extra": self._extra_state(),
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -118,33 +142,32 @@ class Queue:
         self._reader = state["reader"]
         self._writer = state["writer"]
         fds = [_reduction.take_fd(ref) if ref is not None else -1 for ref in state["fds"]]
-        self._slots_r, self._slots_w, self._count_r, self._count_w = fds
+        self._set_fds(fds)
         for fd in fds:
             if fd >= 0:
                 os.set_blocking(fd, False)
         self._closed = False
         self._ctx = multiprocessing.get_context()
-        self._set_extra_state(state["extra"])
         self._after_init()
 
-    def _extra_state(self) -> Any:
-        return None
-
-    def _set_extra_state(self, state: Any) -> None:
-        pass
-
     # -- accounting -------------------------------------------------------------------------
-    def _take_slot(self, deadline: float | None) -> bool:
+    def _is_shutdown(self) -> bool:
+        return _pipe_size(self._shut_r) > 0
+
+    def _deadline(self, block: bool, timeout: float | None) -> float | None:
+        if not block:
+            return time.monotonic()
+        if timeout is None:
+            return None
+        return time.monotonic() + max(0.0, timeout)
+
+    def _try_take_slot(self) -> bool:
         if self._slots_r < 0:
             return True
-        while True:
-            try:
-                if os.read(self._slots_r, 1):
-                    return True
-            except BlockingIOError:
-                pass
-            if not _wait(self._slots_r, _POLLIN, deadline):
-                return False
+        try:
+            return bool(os.read(self._slots_r, 1))
+        except BlockingIOError:
+            return False
 
     def _give_slot(self) -> None:
         if self._slots_w >= 0:
@@ -169,67 +192,93 @@ class Queue:
         if self._closed:
             raise ValueError(f"Queue {self!r} is closed")
 
+    def _check_put(self) -> None:
+        self._check_closed()
+        if self._is_shutdown():
+            raise QueueShutDown(f"Queue {self!r} is shut down")
+
+    # -- steps shared by the blocking and the async face --------------------------------------
+    def _try_put(self, record: Any, fds: list[int], have_slot: bool) -> tuple[bool, bool]:
+        """One non-blocking attempt: ``(done, have_slot)``."""
+        if not have_slot:
+            have_slot = self._try_take_slot()
+            if not have_slot:
+                return False, False
+        self._count_up()
+        try:
+            sent = self._writer.try_send_record(record, fds)
+        except BaseException:
+            self._count_down()
+            self._give_slot()
+            raise
+        if not sent:
+            self._count_down()
+            return False, True
+        self._on_put()
+        return True, True
+
+    def _try_get(self) -> Any:
+        """One non-blocking attempt: the record ``(data, fds)`` or None."""
+        got = self._reader.try_recv_record()
+        if got is not None:
+            self._count_down()
+            self._give_slot()
+        return got
+
+    def _on_put(self) -> None:
+        pass
+
     # -- the stdlib API ---------------------------------------------------------------------
     def put(self, obj: Any, block: bool = True, timeout: float | None = None) -> None:
         """Put ``obj`` on the queue; block (up to ``timeout``) while it is full.
 
         :raises queue.Full: if no slot frees up in time (or at once, with ``block=False``).
         :raises ValueError: if the queue was closed in this process.
+        :raises ~aioshm.QueueShutDown: if the queue was shut down.
         """
-        self._check_closed()
+        self._check_put()
         record, fds, owned = self._writer.encode(obj)
         try:
-            self._put_record(record, fds, block, timeout)
+            deadline = self._deadline(block, timeout)
+            have_slot = False
+            while True:
+                done, have_slot = self._try_put(record, fds, have_slot)
+                if done:
+                    return
+                wait_fd, events = (
+                    (self._writer.fileno(), _POLLOUT) if have_slot else (self._slots_r, _POLLIN)
+                )
+                if not _wait_any([(wait_fd, events), (self._shut_r, _POLLIN)], deadline):
+                    if have_slot:
+                        self._give_slot()
+                    raise _queue.Full
+                if self._is_shutdown():
+                    if have_slot:
+                        self._give_slot()
+                    raise QueueShutDown(f"Queue {self!r} is shut down")
         finally:
             _reduction.close_owned(fds, owned)
-
-    def _put_record(
-        self, record: Any, fds: list[int], block: bool, timeout: float | None
-    ) -> None:
-        if not block:
-            deadline: float | None = time.monotonic()
-        elif timeout is None:
-            deadline = None
-        else:
-            deadline = time.monotonic() + max(0.0, timeout)
-        if not self._take_slot(deadline):
-            raise _queue.Full
-        self._count_up()
-        try:
-            while not self._writer.try_send_record(record, fds):
-                if not _wait(self._writer.fileno(), 4, deadline):  # POLLOUT
-                    raise _queue.Full
-        except BaseException:
-            self._count_down()
-            self._give_slot()
-            raise
-        self._on_put()
-
-    def _on_put(self) -> None:
-        pass
 
     def get(self, block: bool = True, timeout: float | None = None) -> Any:
         """Remove and return an item; block (up to ``timeout``) while the queue is empty.
 
         :raises queue.Empty: if nothing arrives in time (or at once, with ``block=False``).
         :raises ValueError: if the queue was closed in this process.
+        :raises ~aioshm.QueueShutDown: if the queue was shut down and is empty.
         """
         self._check_closed()
-        if not block:
-            deadline: float | None = time.monotonic()
-        elif timeout is None:
-            deadline = None
-        else:
-            deadline = time.monotonic() + max(0.0, timeout)
+        deadline = self._deadline(block, timeout)
         while True:
-            got = self._reader.try_recv_record()
+            got = self._try_get()
             if got is not None:
-                break
-            if not _wait(self._reader.fileno(), _POLLIN, deadline):
+                return self._reader.decode(*got)
+            if self._is_shutdown():
+                raise QueueShutDown(f"Queue {self!r} is shut down and empty")
+            ready = _wait_any(
+                [(self._reader.fileno(), _POLLIN), (self._shut_r, _POLLIN)], deadline
+            )
+            if not ready:
                 raise _queue.Empty
-        self._count_down()
-        self._give_slot()
-        return self._reader.decode(*got)
 
     def put_nowait(self, obj: Any) -> None:
         """``put(obj, False)``."""
@@ -256,6 +305,15 @@ class Queue:
             return False
         return _pipe_size(self._slots_r) == 0
 
+    def shutdown(self) -> None:
+        """Shut the queue down for every process: later puts raise
+        :class:`~aioshm.QueueShutDown`; gets drain what is left, then raise it. Every task or
+        thread waiting on the queue, in any process, wakes up."""
+        try:
+            os.write(self._shut_w, b"\0")
+        except BlockingIOError:
+            pass
+
     def close(self) -> None:
         """No more items from this process; release this process's end of the queue."""
         if self._closed:
@@ -270,48 +328,111 @@ class Queue:
     def cancel_join_thread(self) -> None:
         """Stdlib compatibility: nothing to cancel (no feeder thread)."""
 
+    # -- the async face (implemented in aioshm._transport) ----------------------------------
+    async def put_async(self, obj: Any, block: bool = True, timeout: float | None = None) -> None:
+        """Awaitable :meth:`put`: a full queue suspends the task, never the event loop."""
+        from ._transport import _queue as impl
+
+        await impl.put_async(self, obj, block, timeout)
+
+    async def get_async(self, block: bool = True, timeout: float | None = None) -> Any:
+        """Awaitable :meth:`get`. Cancelling it never loses an item."""
+        from ._transport import _queue as impl
+
+        return await impl.get_async(self, block, timeout)
+
+    def __aiter__(self) -> Any:
+        """``async for item in q``: get items until the queue is shut down and drained."""
+        from ._transport import _queue as impl
+
+        return impl.iterate(self)
+
 
 class JoinableQueue(Queue):
-    """A :class:`Queue` with ``task_done()`` and ``join()``, like the stdlib's."""
+    """A :class:`Queue` with ``task_done()`` and ``join()`` (and ``join_async()``).
+
+    Unfinished tasks are counted in a pipe (one byte each), and a second pipe gets a byte
+    whenever the count drops to zero, so ``join`` and ``join_async`` wait on an fd: no
+    cross-process condition variable, nothing a killed process can leave locked.
+    """
 
     def __init__(self, maxsize: int = 0, *, ctx: Any = None) -> None:
+        self._tasks_r, self._tasks_w = _token_pipe(0)
+        self._done_r, self._done_w = _token_pipe(0)
         super().__init__(maxsize, ctx=ctx)
-        self._unfinished_tasks = self._ctx.Semaphore(0)
-        self._cond = self._ctx.Condition()
 
-    def _extra_state(self) -> Any:
-        return (self._unfinished_tasks, self._cond)
+    def _fds(self) -> list[int]:
+        return [*super()._fds(), self._tasks_r, self._tasks_w, self._done_r, self._done_w]
 
-    def _set_extra_state(self, state: Any) -> None:
-        self._unfinished_tasks, self._cond = state
+    def _set_fds(self, fds: list[int]) -> None:
+        super()._set_fds(fds[:6])
+        self._tasks_r, self._tasks_w, self._done_r, self._done_w = fds[6:]
 
-    def _put_record(
-        self, record: Any, fds: list[int], block: bool, timeout: float | None
-    ) -> None:
-        with self._cond:
-            self._unfinished_tasks.release()
+    def _try_put(self, record: Any, fds: list[int], have_slot: bool) -> tuple[bool, bool]:
+        # count the task before the item can be taken, so task_done() never runs ahead
+        _drain(self._done_r)
+        _write_blocking(self._tasks_w)
         try:
-            super()._put_record(record, fds, block, timeout)
+            done, have_slot = super()._try_put(record, fds, have_slot)
         except BaseException:
-            with self._cond:
-                self._unfinished_tasks.acquire(False)
-                if self._unfinished_tasks._semlock._is_zero():
-                    self._cond.notify_all()
+            self._task_finished()
             raise
+        if not done:
+            self._task_finished()
+        return done, have_slot
+
+    def _task_finished(self) -> bool:
+        try:
+            if not os.read(self._tasks_r, 1):
+                return False
+        except BlockingIOError:
+            return False
+        if _pipe_size(self._tasks_r) == 0:
+            try:
+                os.write(self._done_w, b"\0")
+            except BlockingIOError:
+                pass
+        return True
+
+    def _all_done(self) -> bool:
+        """True if no task is unfinished; consumes a stale "all done" byte otherwise."""
+        if _pipe_size(self._tasks_r) == 0:
+            return True
+        _drain(self._done_r)
+        return _pipe_size(self._tasks_r) == 0
 
     def task_done(self) -> None:
         """Mark one item taken with ``get()`` as processed."""
-        with self._cond:
-            if not self._unfinished_tasks.acquire(False):
-                raise ValueError("task_done() called too many times")
-            if self._unfinished_tasks._semlock._is_zero():
-                self._cond.notify_all()
+        if not self._task_finished():
+            raise ValueError("task_done() called too many times")
 
     def join(self) -> None:
         """Block until every item put has been marked done."""
-        with self._cond:
-            if not self._unfinished_tasks._semlock._is_zero():
-                self._cond.wait()
+        while not self._all_done():
+            _wait_any([(self._done_r, _POLLIN)], None)
+
+    async def join_async(self) -> None:
+        """Awaitable :meth:`join`."""
+        from ._transport import _queue as impl
+
+        await impl.join_async(self)
+
+
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 4096):
+            pass
+    except BlockingIOError:
+        pass
+
+
+def _write_blocking(fd: int) -> None:
+    while True:
+        try:
+            os.write(fd, b"\0")
+            return
+        except BlockingIOError:
+            _wait_any([(fd, _POLLOUT)], None)
 
 
 class SimpleQueue:
@@ -323,6 +444,7 @@ class SimpleQueue:
         self._rlock = ctx.Lock()  # used by multiprocessing.pool's shutdown helpers only
         self._wlock = None
         self._poll: Callable[..., bool] = self._reader.poll
+        self._async_state: Any = None
         self._finalizer = weakref.finalize(self, _close_fds, [self._reader, self._writer], [])
 
     def __getstate__(self) -> tuple[Any, ...]:
@@ -333,6 +455,7 @@ class SimpleQueue:
         self._reader, self._writer, self._rlock = state
         self._wlock = None
         self._poll = self._reader.poll
+        self._async_state = None
         self._finalizer = weakref.finalize(self, _close_fds, [self._reader, self._writer], [])
 
     def empty(self) -> bool:
@@ -351,3 +474,15 @@ class SimpleQueue:
     def put(self, obj: Any) -> None:
         """Put ``obj`` on the queue."""
         self._writer.send(obj)
+
+    async def get_async(self) -> Any:
+        """Awaitable :meth:`get`."""
+        from ._transport import _queue as impl
+
+        return await impl.simple_get_async(self)
+
+    async def put_async(self, obj: Any) -> None:
+        """Awaitable :meth:`put`."""
+        from ._transport import _queue as impl
+
+        await impl.simple_put_async(self, obj)

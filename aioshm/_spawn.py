@@ -302,10 +302,13 @@ class ProcessContext:
         report = self._reports.get(index)
         return exitcode != 0 or (report is not None and report[0] != "ok")
 
-    def _stop_all(self, grace_period: float | None) -> None:
-        """torch's shutdown: (wait out ``grace_period``), SIGTERM, wait, SIGKILL, reap, close."""
+    def _stop_all(self, grace_period: float | None, *, wait_first: bool = True) -> None:
+        """torch's shutdown: (wait out ``grace_period``), SIGTERM, wait, SIGKILL, reap, close.
+
+        ``wait_first=False`` skips the first wait (the parent was interrupted: stop at once).
+        """
         try:
-            if grace_period is not None:
+            if grace_period is not None and wait_first:
                 self._join_all(grace_period)
             for process in self.processes:
                 if process.is_alive():
@@ -344,7 +347,8 @@ class ProcessContext:
         try:
             ranks = self._wait(timeout)
         except BaseException:
-            self._stop_all(_INTERRUPT_GRACE_PERIOD)
+            # The parent was interrupted (Ctrl-C, pytest-timeout, ...): leave no orphans.
+            self._stop_all(_INTERRUPT_GRACE_PERIOD, wait_first=False)
             raise
         error_index = next((i for i in ranks if self._failed(i)), None)
         if error_index is None:

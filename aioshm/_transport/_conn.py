@@ -1,0 +1,139 @@
+"""Async twins of :class:`aioshm._connection.Connection` methods."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import anyio.lowlevel
+
+from .. import _reduction
+from .._exceptions import ProtocolError
+from .._wire import encode_frame
+from ._waits import locks_of
+
+if TYPE_CHECKING:
+    from .._connection import Connection
+
+__all__ = ("iterate", "poll_async", "recv_async", "recv_bytes_async", "send_async")
+
+_DONTWAIT = socket.MSG_DONTWAIT
+
+
+async def _send_payload(conn: Connection, data: Any, fds: list[int]) -> None:
+    conn._check_closed()
+    conn._check_writable()
+    async with locks_of(conn).write:
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        frame = encode_frame(data)
+        sent = conn._send_first(frame[0], fds)
+        while sent == 0:
+            await anyio.wait_writable(conn.fileno())
+            sent = conn._send_first(frame[0], fds)
+        rest = [memoryview(frame[0])[sent:], *(memoryview(p) for p in frame[1:])]
+        if any(len(p) for p in rest):
+            # The frame is partly in the kernel: finishing it cannot be cancelled, or the
+            # peer would see a torn frame on a live connection.
+            sock = conn._socket()
+            with anyio.CancelScope(shield=True):
+                for part in rest:
+                    while part:
+                        try:
+                            n = sock.send(part, _DONTWAIT)
+                        except BlockingIOError:
+                            await anyio.wait_writable(conn.fileno())
+                            continue
+                        part = part[n:]
+    await anyio.lowlevel.cancel_shielded_checkpoint()
+
+
+async def send_async(conn: Connection, obj: Any) -> None:
+    data, fds, owned = _reduction.dumps(obj)
+    try:
+        await _send_payload(conn, data, fds)
+    finally:
+        _reduction.close_owned(fds, owned)
+
+
+async def send_bytes_async(conn: Connection, buf: Any, offset: int = 0, size: int | None = None) -> None:
+    m = memoryview(buf)
+    if m.itemsize > 1:
+        m = m.cast("B")
+    n = m.nbytes
+    if offset < 0:
+        raise ValueError("offset is negative")
+    if n < offset:
+        raise ValueError("buffer length < offset")
+    if size is None:
+        size = n - offset
+    elif size < 0:
+        raise ValueError("size is negative")
+    elif offset + size > n:
+        raise ValueError("buffer length < offset + size")
+    await _send_payload(conn, m[offset : offset + size], [])
+
+
+async def _recv_frame(conn: Connection) -> tuple[bytes, list[int]]:
+    conn._check_closed()
+    conn._check_readable()
+    async with locks_of(conn).read:
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        while True:
+            got = conn._next_frame()
+            if got is not None:
+                break
+            try:
+                conn._read_some(_DONTWAIT)
+            except BlockingIOError:
+                await anyio.wait_readable(conn.fileno())
+    await anyio.lowlevel.cancel_shielded_checkpoint()
+    return got
+
+
+async def recv_async(conn: Connection) -> Any:
+    frame, fds = await _recv_frame(conn)
+    return _reduction.loads(frame, fds)
+
+
+async def recv_bytes_async(conn: Connection, maxlength: int | None = None) -> bytes:
+    if maxlength is not None and maxlength < 0:
+        raise ValueError("negative maxlength")
+    frame, fds = await _recv_frame(conn)
+    for fd in fds:
+        import os
+
+        os.close(fd)
+    if maxlength is not None and len(frame) > maxlength:
+        conn.close()
+        raise OSError("bad message length")
+    return frame
+
+
+async def poll_async(conn: Connection, timeout: float | None = 0.0) -> bool:
+    conn._check_closed()
+    conn._check_readable()
+    decoder = conn._decoder
+    if decoder is not None and decoder.want_bytes() == 0:
+        await anyio.lowlevel.checkpoint()
+        return True
+    if timeout is not None and timeout <= 0:
+        await anyio.lowlevel.checkpoint()
+        return conn.poll(0)
+    async with locks_of(conn).read:
+        with anyio.move_on_after(timeout):
+            await anyio.wait_readable(conn.fileno())
+            return True
+    return False
+
+
+async def iterate(conn: Connection) -> AsyncIterator[Any]:
+    """``async for msg in conn``: receive until the peer closes (EOF ends the loop)."""
+    while True:
+        try:
+            yield await recv_async(conn)
+        except EOFError:
+            return
+        except ProtocolError:
+            raise

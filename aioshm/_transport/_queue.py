@@ -1,0 +1,149 @@
+"""Async twins of the queue methods: every wait is one ``wait_readable`` on an epoll fd that
+watches the data fd (or the slot pipe) together with the queue's shutdown pipe."""
+
+from __future__ import annotations
+
+import math
+import queue as _queue
+import select
+import time
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import anyio.lowlevel
+
+from .. import _reduction
+from .._exceptions import QueueShutDown
+from ._waits import locks_of
+
+if TYPE_CHECKING:
+    from .._connection import RecordChannel
+    from .._queues import JoinableQueue, Queue, SimpleQueue
+
+__all__ = ("get_async", "iterate", "join_async", "put_async", "simple_get_async", "simple_put_async")
+
+_IN, _OUT = select.POLLIN, select.POLLOUT
+
+
+def _deadline(block: bool, timeout: float | None) -> float:
+    if not block:
+        return -math.inf
+    if timeout is None:
+        return math.inf
+    return time.monotonic() + max(0.0, timeout)
+
+
+async def _wait_until(waiter: Any, deadline: float) -> bool:
+    """Wait on ``waiter`` until ``deadline`` (monotonic); False if the deadline passed."""
+    if deadline == math.inf:
+        await waiter.wait()
+        return True
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        return False
+    with anyio.move_on_after(remaining):
+        await waiter.wait()
+        return True
+    return False
+
+
+async def put_async(q: Queue, obj: Any, block: bool, timeout: float | None) -> None:
+    q._check_put()
+    record, fds, owned = q._writer.encode(obj)
+    try:
+        locks = locks_of(q)
+        deadline = _deadline(block, timeout)
+        async with locks.write:
+            await anyio.lowlevel.checkpoint_if_cancelled()
+            have_slot = False
+            try:
+                while True:
+                    done, have_slot = q._try_put(record, fds, have_slot)
+                    if done:
+                        have_slot = False
+                        break
+                    if q._is_shutdown():
+                        raise QueueShutDown(f"Queue {q!r} is shut down")
+                    if have_slot:
+                        waiter = locks.wait_for("room", [(q._writer.fileno(), _OUT), (q._shut_r, _IN)])
+                    else:
+                        waiter = locks.wait_for("slot", [(q._slots_r, _IN), (q._shut_r, _IN)])
+                    if not await _wait_until(waiter, deadline):
+                        raise _queue.Full
+            finally:
+                if have_slot:  # cancelled, timed out or shut down while holding a slot
+                    q._give_slot()
+    finally:
+        _reduction.close_owned(fds, owned)
+    await anyio.lowlevel.cancel_shielded_checkpoint()
+
+
+async def get_async(q: Queue, block: bool, timeout: float | None) -> Any:
+    q._check_closed()
+    locks = locks_of(q)
+    deadline = _deadline(block, timeout)
+    async with locks.read:
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        while True:
+            got = q._try_get()
+            if got is not None:
+                break
+            if q._is_shutdown():
+                raise QueueShutDown(f"Queue {q!r} is shut down and empty")
+            waiter = locks.wait_for("item", [(q._reader.fileno(), _IN), (q._shut_r, _IN)])
+            if not await _wait_until(waiter, deadline):
+                raise _queue.Empty
+    # the record is ours now: no cancellation point between taking it and returning it
+    await anyio.lowlevel.cancel_shielded_checkpoint()
+    return q._reader.decode(*got)
+
+
+async def iterate(q: Queue) -> AsyncIterator[Any]:
+    while True:
+        try:
+            item = await get_async(q, True, None)
+        except QueueShutDown:
+            return
+        yield item
+
+
+async def join_async(q: JoinableQueue) -> None:
+    locks = locks_of(q)
+    async with locks.join:
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        while not q._all_done():
+            await locks.wait_for("done", [(q._done_r, _IN)]).wait()
+    await anyio.lowlevel.cancel_shielded_checkpoint()
+
+
+async def _channel_recv(ch: RecordChannel, lock: anyio.Lock) -> Any:
+    async with lock:
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        while True:
+            got = ch.try_recv_record()
+            if got is not None:
+                break
+            await anyio.wait_readable(ch.fileno())
+    await anyio.lowlevel.cancel_shielded_checkpoint()
+    return ch.decode(*got)
+
+
+async def _channel_send(ch: RecordChannel, obj: Any, lock: anyio.Lock) -> None:
+    record, fds, owned = ch.encode(obj)
+    try:
+        async with lock:
+            await anyio.lowlevel.checkpoint_if_cancelled()
+            while not ch.try_send_record(record, fds):
+                await anyio.wait_writable(ch.fileno())
+    finally:
+        _reduction.close_owned(fds, owned)
+    await anyio.lowlevel.cancel_shielded_checkpoint()
+
+
+async def simple_get_async(q: SimpleQueue) -> Any:
+    return await _channel_recv(q._reader, locks_of(q).read)
+
+
+async def simple_put_async(q: SimpleQueue, obj: Any) -> None:
+    await _channel_send(q._writer, obj, locks_of(q).write)

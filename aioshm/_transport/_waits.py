@@ -1,0 +1,88 @@
+"""Waiting on fds from async code: single fds, and several fds at once through an epoll fd."""
+
+from __future__ import annotations
+
+import select
+import sys
+import weakref
+from typing import Any
+
+import anyio
+
+__all__ = ("Locks", "MultiWait", "locks_of")
+
+
+class Locks:
+    """Per-object async locks: one reader and one writer task at a time per event loop.
+
+    anyio (trio in particular) allows one task at a time to wait on a given fd, so tasks of
+    one process queue up here, in FIFO order, in front of the fd.
+    """
+
+    __slots__ = ("__weakref__", "join", "read", "waits", "write")
+
+    def __init__(self) -> None:
+        self.read = anyio.Lock()
+        self.write = anyio.Lock()
+        self.join = anyio.Lock()
+        self.waits: dict[str, MultiWait] = {}
+
+    def wait_for(self, key: str, fds: list[tuple[int, int]]) -> MultiWait:
+        """The cached :class:`MultiWait` for ``key`` (built from ``fds`` on first use)."""
+        mw = self.waits.get(key)
+        if mw is None:
+            mw = self.waits[key] = MultiWait(fds)
+        return mw
+
+    def close(self) -> None:
+        for mw in self.waits.values():
+            mw.close()
+        self.waits.clear()
+
+
+def locks_of(obj: Any) -> Locks:
+    """The :class:`Locks` of ``obj`` (made on first use; epoll fds closed with ``obj``)."""
+    state = obj._async_state
+    if state is None:
+        state = obj._async_state = Locks()
+        weakref.finalize(obj, state.close)
+    return state  # type: ignore[no-any-return]
+
+
+class MultiWait:
+    """Wait until any of several fds is readable, with one ``wait_readable`` on an epoll fd.
+
+    Cheaper than a task group per wait and exact: the epoll fd is readable exactly when one
+    of its registered fds is. (kqueue fds are pollable the same way on macOS.)
+    """
+
+    __slots__ = ("_ep", "fds")
+
+    def __init__(self, fds: list[tuple[int, int]]) -> None:
+        """``fds`` are ``(fd, select.POLLIN or select.POLLOUT)`` pairs."""
+        self.fds = list(fds)
+        if sys.platform.startswith("linux"):
+            self._ep: Any = select.epoll()
+            for fd, events in self.fds:
+                self._ep.register(
+                    fd, select.EPOLLIN if events == select.POLLIN else select.EPOLLOUT
+                )
+        else:  # pragma: no cover - macOS
+            self._ep = select.kqueue()
+            self._ep.control(
+                [
+                    select.kevent(
+                        fd,
+                        select.KQ_FILTER_READ if ev == select.POLLIN else select.KQ_FILTER_WRITE,
+                        select.KQ_EV_ADD,
+                    )
+                    for fd, ev in self.fds
+                ],
+                0,
+            )
+
+    async def wait(self) -> None:
+        await anyio.wait_readable(self._ep.fileno())
+
+    def close(self) -> None:
+        self._ep.close()
