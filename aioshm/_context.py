@@ -9,13 +9,19 @@ setting.
 
 from __future__ import annotations
 
+import sys
 from multiprocessing import context as _mp_context
 from typing import Any
 
+from . import _process
 from ._connection import Connection
 from ._connection import Pipe as _Pipe
 
-__all__ = ("DefaultContext", "concrete_contexts", "default_context")
+__all__ = ("DEFAULT_START_METHOD", "DefaultContext", "concrete_contexts", "default_context")
+
+#: The async face's default start method: forking a process that runs an event loop (and
+#: threads) is unsafe, and the fork server (with numpy and aioshm preloaded) starts fast.
+DEFAULT_START_METHOD = "forkserver" if sys.platform.startswith("linux") else "spawn"
 
 
 class _AioshmMixin:
@@ -66,16 +72,17 @@ class _AioshmMixin:
         return Pool(processes, initializer, initargs, maxtasksperchild, context=self.get_context())
 
 
-class ForkContext(_AioshmMixin, _mp_context.ForkContext):  # type: ignore[misc]
-    pass
-
-
 class SpawnContext(_AioshmMixin, _mp_context.SpawnContext):  # type: ignore[misc]
-    pass
+    Process = _process.SpawnProcess
 
 
-class ForkServerContext(_AioshmMixin, _mp_context.ForkServerContext):  # type: ignore[misc]
-    pass
+if sys.platform != "win32":
+
+    class ForkContext(_AioshmMixin, _mp_context.ForkContext):  # type: ignore[misc]
+        Process = _process.ForkProcess
+
+    class ForkServerContext(_AioshmMixin, _mp_context.ForkServerContext):  # type: ignore[misc]
+        Process = _process.ForkServerProcess
 
 
 concrete_contexts: dict[str, Any] = {"spawn": SpawnContext()}
@@ -87,6 +94,8 @@ if "forkserver" in _mp_context._concrete_contexts:
 
 class DefaultContext(_AioshmMixin, _mp_context.DefaultContext):  # type: ignore[misc]
     """The default context: start-method state is the stdlib's, the objects are aioshm's."""
+
+    Process = _process.Process
 
     def __init__(self) -> None:
         self._stdlib = _mp_context._default_context

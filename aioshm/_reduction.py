@@ -125,11 +125,23 @@ def fd_ref(fd: int, *, owned: bool, memo_key: object = None) -> object:
     dup = _mp_reduction.DupFd(fd)
     if owned:
         if popen is not None:
-            # the fork server / spawn passes this very fd at launch: close it when the popen goes
-            weakref.finalize(popen, os.close, fd)
+            # spawn / the fork server pass this very fd at launch: close it once the child has
+            # it (aioshm's Process.start calls release_spawn_fds), or when the popen goes
+            _spawn_fds.setdefault(popen, []).append(weakref.finalize(popen, os.close, fd))
         else:
             os.close(fd)  # resource_sharer kept its own duplicate
     return dup
+
+
+_spawn_fds: weakref.WeakKeyDictionary[Any, list[weakref.finalize]] = weakref.WeakKeyDictionary()
+
+
+def release_spawn_fds(popen: Any) -> None:
+    """Close the fds :func:`fd_ref` handed to ``popen`` once the child has been launched."""
+    if popen is None:
+        return
+    for fin in _spawn_fds.pop(popen, ()):
+        fin()
 
 
 def take_fd(ref: object) -> int:

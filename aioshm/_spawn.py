@@ -32,7 +32,7 @@ from multiprocessing.process import BaseProcess
 from multiprocessing.reduction import ForkingPickler
 from typing import Any, Protocol
 
-from . import _procutil
+from . import _connection, _procutil, _reduction
 from ._exceptions import (
     ProcessException,
     ProcessExitedException,
@@ -60,7 +60,7 @@ _INTERRUPT_GRACE_PERIOD = 5.0
 
 # The pipe factory for the result channel, called as ``_Pipe(duplex=False)`` → (reader, writer).
 # Only send, recv, poll, fileno and close are used on its ends.
-_Pipe = multiprocessing.Pipe
+_Pipe = _connection.Pipe
 
 
 class _ResultConnection(Protocol):
@@ -158,7 +158,7 @@ class ProcessContext:
     ``processes[i]`` runs rank ``i``; ``result_conns[i]`` is the reading end of its result pipe
     (the context owns it and closes it). ``results[i]`` holds rank ``i``'s return value once
     :meth:`join` has returned True (None for a rank that exited with code 0 without returning,
-    such as ``sys.exit(0)``).
+    such as ``sys.exit(0)``); after a failure it holds what the successful ranks returned.
 
     Once ``join`` has reaped a rank, it also closes the fds that rank's ``Process`` object kept
     for waiting: ``exitcode``, ``is_alive()`` and ``join()`` keep working, ``sentinel`` does not.
@@ -185,6 +185,7 @@ class ProcessContext:
                 self._reader_fds[conn.fileno()] = index
         # rank -> the report it sent: ("ok", value) | ("raised", exc, name, tb) | ("lost", exc)
         self._reports: dict[int, tuple[Any, ...]] = {}
+        self._error_index: int | None = None
 
     def pids(self) -> list[int]:
         """The process ids, in rank order."""
@@ -339,8 +340,12 @@ class ProcessContext:
         On the first failure the other ranks get ``grace_period`` seconds to exit by themselves
         (when given), then SIGTERM, then ``grace_period`` (default 30 s) more, then SIGKILL; all
         are reaped, every pipe is closed, and the failure is raised as
-        :class:`ProcessRaisedException` or :class:`ProcessExitedException`.
+        :class:`ProcessRaisedException` or :class:`ProcessExitedException` (again by every
+        later call). If the wait itself is interrupted (an exception in the parent, such as
+        KeyboardInterrupt), every rank is stopped the same way, at once, before it propagates.
         """
+        if self._error_index is not None:
+            raise self._error(self._error_index)
         if not self.sentinels:
             self._close_all_conns()
             return True
@@ -350,16 +355,21 @@ class ProcessContext:
             # The parent was interrupted (Ctrl-C, pytest-timeout, ...): leave no orphans.
             self._stop_all(_INTERRUPT_GRACE_PERIOD, wait_first=False)
             raise
-        error_index = next((i for i in ranks if self._failed(i)), None)
-        if error_index is None:
-            for index in ranks:
+        error_index = None
+        for index in ranks:
+            if self._failed(index):
+                if error_index is None:
+                    error_index = index
+            else:
                 report = self._reports.get(index)
                 if report is not None and report[0] == "ok":
                     self.results[index] = report[1]
+        if error_index is None:
             if not self.sentinels:
                 self._close_all_conns()
                 return True
             return False
+        self._error_index = error_index
         self._stop_all(grace_period)
         raise self._error(error_index)
 
@@ -382,7 +392,8 @@ class ProcessContext:
                 original.__cause__ = RemoteTraceback(str(tb_text))
                 error.__cause__ = original
             return error
-        if report is not None and report[0] == "lost":
+        if report is not None and report[0] == "lost" and exitcode >= 0:
+            # (A rank killed by a signal mid-report is reported as exited, below.)
             lost = report[1]
             tb_text = "".join(traceback.format_exception(lost))
             msg = (
@@ -420,22 +431,17 @@ def _kill_and_reap(processes: Iterable[BaseProcess]) -> None:
             process.join()
 
 
-def start_processes(
+def _start(
     fn: Callable[..., object],
-    args: Sequence[object] = (),
-    nprocs: int = 1,
-    join: bool = True,
-    daemon: bool = False,
-    start_method: str = "spawn",
-) -> ProcessContext | None:
-    """Start ``nprocs`` processes running ``fn(rank, *args)`` (torch's ``start_processes``).
-
-    ``fn`` must be importable by the children under ``spawn`` and ``forkserver``. With
-    ``start_method="forkserver"`` and ``TORCH_MP_PARALLEL_START=1`` in the environment the
-    processes are started from a thread pool. With ``join=True`` this waits for all of them
-    and returns None (raising on the first failure); otherwise it returns the
-    :class:`ProcessContext`.
-    """
+    args: Sequence[object],
+    nprocs: int,
+    daemon: bool,
+    start_method: str,
+    context_class: type[ProcessContext],
+) -> ProcessContext:
+    """Start the ranks and return a ``context_class`` over them (shared with the async face)."""
+    if not isinstance(nprocs, int) or nprocs < 1:
+        raise ValueError(f"nprocs must be a positive int, got {nprocs!r}")
     ctx = multiprocessing.get_context(start_method)
     args = tuple(args)
     processes: list[BaseProcess] = []
@@ -467,12 +473,15 @@ def start_processes(
             for error in errors:
                 if error is not None:
                     raise error
+            for process in processes:
+                _reduction.release_spawn_fds(getattr(process, "_popen", None))
             for writer in writers:
                 writer.close()
         else:
             for rank in range(nprocs):
                 process = make(rank)
                 process.start()
+                _reduction.release_spawn_fds(getattr(process, "_popen", None))
                 # Close the parent's write end before the next start, so that under fork a
                 # later sibling does not inherit it.
                 writers[rank].close()
@@ -482,7 +491,26 @@ def start_processes(
         _kill_and_reap(processes)
         raise
 
-    context = ProcessContext(processes, readers)
+    return context_class(processes, readers)
+
+
+def start_processes(
+    fn: Callable[..., object],
+    args: Sequence[object] = (),
+    nprocs: int = 1,
+    join: bool = True,
+    daemon: bool = False,
+    start_method: str = "spawn",
+) -> ProcessContext | None:
+    """Start ``nprocs`` processes running ``fn(rank, *args)`` (torch's ``start_processes``).
+
+    ``fn`` must be importable by the children under ``spawn`` and ``forkserver``. With
+    ``start_method="forkserver"`` and ``TORCH_MP_PARALLEL_START=1`` in the environment the
+    processes are started from a thread pool. With ``join=True`` this waits for all of them
+    and returns None (raising on the first failure); otherwise it returns the
+    :class:`ProcessContext`.
+    """
+    context = _start(fn, args, nprocs, daemon, start_method, ProcessContext)
     if not join:
         return context
     while not context.join():

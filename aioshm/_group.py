@@ -1,0 +1,212 @@
+"""``await aioshm.spawn(fn, nprocs=n)``: process groups with an awaitable face.
+
+:class:`AsyncProcessContext` is torch's :class:`~aioshm._spawn.ProcessContext` (the blocking
+``join(timeout, grace_period)`` and ``pids()`` keep torch's semantics) plus:
+
+* ``await ctx`` → the per-rank return values, in rank order;
+* ``await ctx.join_async(timeout, grace_period)``, ``async with ctx``;
+* the first failing rank stops the others (SIGTERM, ``grace_period`` seconds — 2 by default on
+  the async face — then SIGKILL) and raises torch-style ``ProcessRaisedException`` /
+  ``ProcessExitedException`` with the original exception chained;
+* cancelling the awaiting task terminates and reaps every rank before the cancellation
+  propagates.
+
+Every wait is one ``wait_readable`` on an epoll fd holding the live sentinels and result pipes.
+"""
+
+from __future__ import annotations
+
+import math
+import select
+import time
+import warnings
+from collections.abc import Callable, Generator, Sequence
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+
+from . import _spawn
+from ._context import DEFAULT_START_METHOD
+from ._process import DEFAULT_GRACE_PERIOD
+from ._transport._waits import MultiWait
+
+__all__ = ("DEFAULT_START_METHOD", "AsyncProcessContext", "spawn", "start_processes")
+
+_IN = select.POLLIN
+
+
+def _ready(fds: list[int]) -> set[int]:
+    p = select.poll()
+    for fd in fds:
+        p.register(fd, _IN)
+    return {fd for fd, _ in p.poll(0)}
+
+
+class AsyncProcessContext(_spawn.ProcessContext):
+    """A started group of ranks: torch's ``ProcessContext`` with an awaitable face."""
+
+    grace_period: float = DEFAULT_GRACE_PERIOD
+
+    def __await__(self) -> Generator[Any, None, list[Any]]:
+        return self._all_results().__await__()
+
+    async def _all_results(self) -> list[Any]:
+        while not await self.join_async(grace_period=self.grace_period):
+            pass
+        return list(self.results)
+
+    async def __aenter__(self) -> AsyncProcessContext:
+        return self
+
+    async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is not None:
+            await self._stop_all_async(self.grace_period, wait_first=False)
+        else:
+            await self._all_results()
+
+    async def join_async(
+        self, timeout: float | None = None, grace_period: float | None = None
+    ) -> bool:
+        """Awaitable :meth:`join`: True once every rank exited successfully.
+
+        False when ``timeout`` expires first. On the first failure the others are stopped
+        (``grace_period`` defaults to 2 s here) and the failure is raised.
+        """
+        if not self.sentinels:
+            self._close_all_conns()
+            await anyio.lowlevel.checkpoint()
+            return True
+        grace = self.grace_period if grace_period is None else grace_period
+        try:
+            ranks = await self._wait_async(timeout)
+        except BaseException:
+            await self._stop_all_async(grace, wait_first=False)
+            raise
+        error_index = next((i for i in ranks if self._failed(i)), None)
+        if error_index is None:
+            for index in ranks:
+                report = self._reports.get(index)
+                if report is not None and report[0] == "ok":
+                    self.results[index] = report[1]
+            if not self.sentinels:
+                self._close_all_conns()
+                return True
+            return False
+        await self._stop_all_async(grace, wait_first=False)
+        raise self._error(error_index)
+
+    async def _receive_async(self, index: int) -> None:
+        conn = self._conns.get(index)
+        if conn is None:
+            return
+        try:
+            report = await conn.recv_async()  # type: ignore[attr-defined]
+        except (EOFError, OSError):
+            pass
+        except Exception as exc:
+            self._reports.setdefault(index, ("lost", exc))
+        else:
+            if isinstance(report, tuple) and report and report[0] in ("ok", "raised"):
+                self._reports.setdefault(index, report)
+        self._close_conn(index)
+
+    async def _wait_async(self, timeout: float | None) -> list[int]:
+        deadline = math.inf if timeout is None else time.monotonic() + timeout
+        while True:
+            fds = [*self.sentinels, *self._reader_fds]
+            if not fds:
+                return []
+            waiter = MultiWait([(fd, _IN) for fd in fds])
+            try:
+                with anyio.move_on_after(deadline - time.monotonic()):
+                    await waiter.wait()
+            finally:
+                waiter.close()
+            ready = _ready(fds)
+            if not ready:
+                return []
+            exited = [fd for fd in ready if fd in self.sentinels]
+            for fd in ready:
+                if fd in self._reader_fds and fd not in exited:
+                    index = self._reader_fds[fd]
+                    if self.processes[index].exitcode is None:
+                        await self._receive_async(index)
+            if exited:
+                ranks = []
+                for sentinel in exited:
+                    index = self.sentinels.pop(sentinel)
+                    self._reap(index)  # the sentinel fired: join() does not block
+                    self._receive(index, exited=True)
+                    ranks.append(index)
+                return ranks
+
+    async def _stop_all_async(self, grace_period: float, *, wait_first: bool) -> None:
+        """SIGTERM every live rank, wait up to ``grace_period``, SIGKILL, reap: shielded."""
+        from ._transport._proc import stop_async
+
+        with anyio.CancelScope(shield=True):
+            if wait_first and grace_period:
+                with anyio.move_on_after(grace_period):
+                    while self.sentinels and await self._wait_async(None):
+                        pass
+            await stop_async(self.processes, grace_period)
+            for index in range(len(self.processes)):
+                self._reap(index)
+            for index in list(self._conns):
+                self._receive(index, exited=True)
+            self.sentinels.clear()
+            self._close_all_conns()
+
+
+def _warn_fork_in_loop(start_method: str) -> None:
+    if start_method != "fork":
+        return
+    try:
+        import sniffio
+
+        sniffio.current_async_library()
+    except Exception:
+        return
+    warnings.warn(
+        "aioshm: starting processes with 'fork' while an event loop is running is unsafe "
+        "(the child inherits the loop and its threads); prefer 'forkserver' or 'spawn'",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def start_processes(
+    fn: Callable[..., object],
+    args: Sequence[object] = (),
+    nprocs: int = 1,
+    *,
+    daemon: bool = False,
+    start_method: str | None = None,
+) -> AsyncProcessContext:
+    """Start ``nprocs`` processes running ``fn(rank, *args)``; return the context at once.
+
+    ``await`` the context for the return values in rank order. The default start method is
+    :data:`DEFAULT_START_METHOD` (forkserver on Linux); ``fork`` only on request, with a
+    warning when an event loop is running.
+    """
+    method = start_method or DEFAULT_START_METHOD
+    _warn_fork_in_loop(method)
+    return _spawn._start(fn, args, nprocs, daemon, method, AsyncProcessContext)  # type: ignore[return-value]
+
+
+def spawn(
+    fn: Callable[..., object],
+    args: Sequence[object] = (),
+    nprocs: int = 1,
+    *,
+    daemon: bool = False,
+    start_method: str | None = None,
+) -> AsyncProcessContext:
+    """``await aioshm.spawn(fn, args, nprocs)`` → ``[fn(0, *args), fn(1, *args), …]``.
+
+    Returns the :class:`AsyncProcessContext` at once (the processes are running); awaiting it
+    gives the per-rank return values in rank order, or raises the first failure after the
+    other ranks were stopped.
+    """
+    return start_processes(fn, args, nprocs, daemon=daemon, start_method=start_method)

@@ -1,0 +1,113 @@
+"""Awaiting processes: results, joins and stopping, all on fds (sentinels and result pipes)."""
+
+from __future__ import annotations
+
+import math
+import select
+import socket
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+
+from .. import _reduction
+from ._waits import MultiWait
+
+__all__ = ("join_async", "result_async", "stop_async", "wait_exit")
+
+_IN = select.POLLIN
+
+
+def _readable(fd: int) -> bool:
+    p = select.poll()
+    p.register(fd, _IN)
+    return bool(p.poll(0))
+
+
+async def wait_exit(proc: Any, timeout: float | None = None) -> bool:
+    """Wait until ``proc`` exits (its sentinel is readable) and reap it; False on timeout."""
+    if proc.exitcode is None:
+        sentinel = proc.sentinel
+        with anyio.move_on_after(math.inf if timeout is None else timeout):
+            await anyio.wait_readable(sentinel)
+        if not _readable(sentinel):
+            return False
+    proc.join(0)  # reaps; does not block once the sentinel fired
+    return proc.exitcode is not None
+
+
+async def join_async(proc: Any, timeout: float | None) -> None:
+    if proc._popen is None:
+        raise AssertionError("can only join a started process")
+    await anyio.lowlevel.checkpoint_if_cancelled()
+    await wait_exit(proc, timeout)
+
+
+async def stop_async(procs: Sequence[Any], grace_period: float) -> None:
+    """SIGTERM, up to ``grace_period`` seconds, SIGKILL, reap: shielded from cancellation."""
+    with anyio.CancelScope(shield=True):
+        alive = [p for p in procs if p._popen is not None and p.exitcode is None]
+        for p in alive:
+            p.terminate()
+        deadline = time.monotonic() + grace_period
+        for p in alive:
+            await wait_exit(p, max(0.0, deadline - time.monotonic()))
+        for p in alive:
+            if p.exitcode is None:
+                p.kill()
+        for p in alive:
+            await wait_exit(p)
+
+
+async def _receive_report(proc: Any, *, exited: bool) -> None:
+    conn = proc._result_r
+    if conn is None:
+        return
+    if exited:
+        # everything the child wrote is there; a torn report must not block us
+        try:
+            while True:
+                got = conn._next_frame()
+                if got is not None:
+                    try:
+                        proc._take_report(_reduction.loads(*got))
+                    except Exception as exc:
+                        proc._take_report(("lost", exc))
+                    return
+                conn._read_some(socket.MSG_DONTWAIT)
+        except (BlockingIOError, EOFError, OSError):
+            proc._take_report(None)
+        return
+    try:
+        report = await conn.recv_async()
+    except (EOFError, OSError):
+        proc._take_report(None)
+    except Exception as exc:
+        proc._take_report(("lost", exc))
+    else:
+        proc._take_report(report)
+
+
+async def result_async(proc: Any) -> Any:
+    if proc._popen is None:
+        proc.start()
+    try:
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        if proc._result_r is not None:
+            waiter = MultiWait([(proc._result_r.fileno(), _IN), (proc.sentinel, _IN)])
+            try:
+                while proc._result_r is not None:
+                    await waiter.wait()
+                    if _readable(proc.sentinel):
+                        await _receive_report(proc, exited=True)
+                    elif _readable(proc._result_r.fileno()):
+                        await _receive_report(proc, exited=False)
+            finally:
+                waiter.close()
+        await wait_exit(proc)
+    except BaseException:
+        await stop_async([proc], proc.grace_period)
+        raise
+    return proc._outcome()
