@@ -134,7 +134,13 @@ def _preload_forkserver() -> None:
 
     server = forkserver._forkserver
     if getattr(server, "_forkserver_pid", None) is None:
-        modules = ["__main__", "numpy", "aioshm._spawn", "aioshm._process", "aioshm.multiprocessing"]
+        modules = [
+            "__main__",
+            "numpy",
+            "aioshm._spawn",
+            "aioshm._process",
+            "aioshm.multiprocessing",
+        ]
         current = list(getattr(server, "_preload_modules", ["__main__"]))
         _stdlib_mp.set_forkserver_preload(current + [m for m in modules if m not in current])
 

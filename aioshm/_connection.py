@@ -22,7 +22,6 @@ import io
 import os
 import select
 import socket
-import struct
 import sys
 import time
 from multiprocessing import connection as _mp_connection
@@ -238,9 +237,7 @@ class Connection(_mp_connection.Connection):
 
         return await _conn.recv_async(self)
 
-    async def send_bytes_async(
-        self, buf: Any, offset: int = 0, size: int | None = None
-    ) -> None:
+    async def send_bytes_async(self, buf: Any, offset: int = 0, size: int | None = None) -> None:
         """Awaitable :meth:`send_bytes`."""
         from ._transport import _conn
 
@@ -272,7 +269,7 @@ def _rebuild_connection(ref: object, readable: bool, writable: bool) -> Connecti
     return Connection(_reduction.take_fd(ref), readable, writable)
 
 
-def Pipe(duplex: bool = True) -> tuple[Connection, Connection]:  # noqa: N802 - stdlib name
+def Pipe(duplex: bool = True) -> tuple[Connection, Connection]:
     """A pair of connected :class:`Connection` objects, like ``multiprocessing.Pipe``.
 
     Always a Unix socketpair (even when ``duplex=False``, where the stdlib uses a pipe),
@@ -298,7 +295,8 @@ def _spill(data: bytes | bytearray | memoryview) -> int:
     else:  # pragma: no cover - macOS
         import tempfile
 
-        fd = os.dup(tempfile.TemporaryFile().fileno())
+        with tempfile.TemporaryFile() as tmp:
+            fd = os.dup(tmp.fileno())
     try:
         view = memoryview(data)
         while view:
@@ -510,4 +508,3 @@ def record_pair() -> tuple[RecordChannel, RecordChannel]:
     """``(reader, writer)`` ends of a new record socketpair."""
     a, b = _seqpacket_pair()
     return RecordChannel(a, True, False), RecordChannel(b, False, True)
-

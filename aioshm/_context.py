@@ -37,29 +37,29 @@ class _AioshmMixin:
         ctx._check_available()
         return ctx
 
-    def Queue(self, maxsize: int = 0) -> Any:  # noqa: N802 - stdlib name
+    def Queue(self, maxsize: int = 0) -> Any:
         """A process-shared FIFO queue (aioshm's :class:`~aioshm.Queue`)."""
         from ._queues import Queue
 
         return Queue(maxsize, ctx=self.get_context())
 
-    def JoinableQueue(self, maxsize: int = 0) -> Any:  # noqa: N802
+    def JoinableQueue(self, maxsize: int = 0) -> Any:
         """A queue with ``task_done()``/``join()`` (aioshm's :class:`~aioshm.JoinableQueue`)."""
         from ._queues import JoinableQueue
 
         return JoinableQueue(maxsize, ctx=self.get_context())
 
-    def SimpleQueue(self) -> Any:  # noqa: N802
+    def SimpleQueue(self) -> Any:
         """A minimal queue (aioshm's :class:`~aioshm.SimpleQueue`)."""
         from ._queues import SimpleQueue
 
         return SimpleQueue(ctx=self.get_context())
 
-    def Pipe(self, duplex: bool = True) -> tuple[Connection, Connection]:  # noqa: N802
+    def Pipe(self, duplex: bool = True) -> tuple[Connection, Connection]:
         """Two connected :class:`~aioshm.Connection` objects (fds travel in-band)."""
         return _Pipe(duplex)
 
-    def Pool(  # noqa: N802
+    def Pool(
         self,
         processes: int | None = None,
         initializer: Any = None,
@@ -72,16 +72,16 @@ class _AioshmMixin:
         return Pool(processes, initializer, initargs, maxtasksperchild, context=self.get_context())
 
 
-class SpawnContext(_AioshmMixin, _mp_context.SpawnContext):  # type: ignore[misc]
+class SpawnContext(_AioshmMixin, _mp_context.SpawnContext):
     Process = _process.SpawnProcess
 
 
 if sys.platform != "win32":
 
-    class ForkContext(_AioshmMixin, _mp_context.ForkContext):  # type: ignore[misc]
+    class ForkContext(_AioshmMixin, _mp_context.ForkContext):
         Process = _process.ForkProcess
 
-    class ForkServerContext(_AioshmMixin, _mp_context.ForkServerContext):  # type: ignore[misc]
+    class ForkServerContext(_AioshmMixin, _mp_context.ForkServerContext):
         Process = _process.ForkServerProcess
 
 
@@ -92,7 +92,7 @@ if "forkserver" in _mp_context._concrete_contexts:
     concrete_contexts["forkserver"] = ForkServerContext()
 
 
-class DefaultContext(_AioshmMixin, _mp_context.DefaultContext):  # type: ignore[misc]
+class DefaultContext(_AioshmMixin, _mp_context.DefaultContext):
     """The default context: start-method state is the stdlib's, the objects are aioshm's."""
 
     Process = _process.Process
@@ -112,7 +112,7 @@ class DefaultContext(_AioshmMixin, _mp_context.DefaultContext):  # type: ignore[
         self._stdlib.set_start_method(method, force)
 
     def get_all_start_methods(self) -> list[str]:
-        return self._stdlib.get_all_start_methods()  # type: ignore[no-any-return]
+        return self._stdlib.get_all_start_methods()
 
 
 default_context = DefaultContext()

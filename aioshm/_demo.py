@@ -23,7 +23,7 @@ FRAME_SHAPE = (1024, 2048)  # 8 MiB of float32
 
 
 def _process_frame(frame: np.ndarray) -> np.ndarray:
-    out = frame - frame.mean()
+    out: np.ndarray = frame - frame.mean()
     out /= out.std() + 1e-6
     return out
 

@@ -21,7 +21,8 @@ import select
 import time
 import warnings
 from collections.abc import Callable, Generator, Sequence
-from typing import Any
+from types import TracebackType
+from typing import Any, Self
 
 import anyio
 import anyio.lowlevel
@@ -56,10 +57,15 @@ class AsyncProcessContext(_spawn.ProcessContext):
             pass
         return list(self.results)
 
-    async def __aenter__(self) -> AsyncProcessContext:
+    async def __aenter__(self) -> Self:
         return self
 
-    async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         if exc_type is not None:
             await self._stop_all_async(self.grace_period, wait_first=False)
         else:

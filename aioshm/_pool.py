@@ -33,15 +33,15 @@ class _DroppingInqueue:
 
 
 def _clean_worker(inqueue: SimpleQueue, outqueue: SimpleQueue, *args: Any) -> None:
-    _mp_pool.worker(_DroppingInqueue(inqueue), outqueue, *args)  # type: ignore[attr-defined]
+    _mp_pool.worker(_DroppingInqueue(inqueue), outqueue, *args)
 
 
 class Pool(_mp_pool.Pool):
     """``multiprocessing.Pool`` whose tasks and results carry ndarrays as shared-memory handles."""
 
     @staticmethod
-    def Process(ctx: Any, *args: Any, **kwds: Any) -> Any:  # noqa: N802 - stdlib name
-        if kwds.get("target") is _mp_pool.worker:  # type: ignore[attr-defined]
+    def Process(ctx: Any, *args: Any, **kwds: Any) -> Any:
+        if kwds.get("target") is _mp_pool.worker:
             kwds["target"] = _clean_worker
         return ctx.Process(*args, **kwds)
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import multiprocessing.context as _mp_context
 import sys
 from collections.abc import Generator
+from types import TracebackType
 from typing import Any
 
 from . import _reduction
@@ -131,7 +132,11 @@ class _ResultMixin:
                 original.__cause__ = RemoteTraceback(str(tb_text))
                 raise original
             error = ProcessRaisedException(
-                f"{self!r} raised {type_name}:\n{tb_text}", 0, pid or -1, str(type_name), str(tb_text)
+                f"{self!r} raised {type_name}:\n{tb_text}",
+                0,
+                pid or -1,
+                str(type_name),
+                str(tb_text),
             )
             if isinstance(original, BaseException):  # KeyboardInterrupt: a failure, not ours
                 original.__cause__ = RemoteTraceback(str(tb_text))
@@ -197,7 +202,12 @@ class _ResultMixin:
             self.start()
         return self
 
-    async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         from ._transport import _proc
 
         if exc_type is not None:
@@ -206,18 +216,18 @@ class _ResultMixin:
             await _proc.join_async(self, None)
 
 
-class Process(_ResultMixin, _mp_context.Process):  # type: ignore[misc]
+class Process(_ResultMixin, _mp_context.Process):
     """A process of the default start method, with a return value and an awaitable face."""
 
 
-class SpawnProcess(_ResultMixin, _mp_context.SpawnProcess):  # type: ignore[misc]
+class SpawnProcess(_ResultMixin, _mp_context.SpawnProcess):
     """A ``spawn`` process with a return value and an awaitable face."""
 
 
 if sys.platform != "win32":
 
-    class ForkProcess(_ResultMixin, _mp_context.ForkProcess):  # type: ignore[misc]
+    class ForkProcess(_ResultMixin, _mp_context.ForkProcess):
         """A ``fork`` process with a return value and an awaitable face."""
 
-    class ForkServerProcess(_ResultMixin, _mp_context.ForkServerProcess):  # type: ignore[misc]
+    class ForkServerProcess(_ResultMixin, _mp_context.ForkServerProcess):
         """A ``forkserver`` process with a return value and an awaitable face."""

@@ -38,9 +38,9 @@ from ._exceptions import QueueShutDown
 __all__ = ("JoinableQueue", "Queue", "SimpleQueue")
 
 try:
-    from _multiprocessing import SemLock as _SemLock
+    from _multiprocessing import SemLock as _SemLock  # type: ignore[import-not-found]
 
-    _SEM_VALUE_MAX: Final[int] = _SemLock.SEM_VALUE_MAX
+    _SEM_VALUE_MAX: int = _SemLock.SEM_VALUE_MAX
 except ImportError:  # pragma: no cover
     _SEM_VALUE_MAX = 2**31 - 1
 
@@ -112,10 +112,19 @@ class Queue:
         self._after_init()
 
     def _fds(self) -> list[int]:
-        return [self._slots_r, self._slots_w, self._count_r, self._count_w, self._shut_r, self._shut_w]
+        return [
+            self._slots_r,
+            self._slots_w,
+            self._count_r,
+            self._count_w,
+            self._shut_r,
+            self._shut_w,
+        ]
 
     def _set_fds(self, fds: list[int]) -> None:
-        (self._slots_r, self._slots_w, self._count_r, self._count_w, self._shut_r, self._shut_w) = fds
+        (self._slots_r, self._slots_w, self._count_r, self._count_w, self._shut_r, self._shut_w) = (
+            fds
+        )
 
     def _after_init(self) -> None:
         self._async_state: Any = None
@@ -274,9 +283,7 @@ class Queue:
                 return self._reader.decode(*got)
             if self._is_shutdown():
                 raise QueueShutDown(f"Queue {self!r} is shut down and empty")
-            ready = _wait_any(
-                [(self._reader.fileno(), _POLLIN), (self._shut_r, _POLLIN)], deadline
-            )
+            ready = _wait_any([(self._reader.fileno(), _POLLIN), (self._shut_r, _POLLIN)], deadline)
             if not ready:
                 raise _queue.Empty
 

@@ -190,7 +190,7 @@ def reduce_ndarray(a: np.ndarray) -> tuple[Any, ...]:
     target = a
     if buf is None:
         if a.dtype.hasobject or a.nbytes < _threshold or a.nbytes == 0:
-            return a.__reduce__()  # type: ignore[no-any-return]
+            return a.__reduce__()  # type: ignore[return-value]
         target = copy_into_pool(a)
         buf = segment_buffer_of(target)
         assert buf is not None
@@ -265,7 +265,7 @@ def close_owned(fds: list[int], owned: list[bool]) -> None:
 def split_payload(data: bytes | bytearray | memoryview) -> tuple[int, int, memoryview]:
     """``(nfds, spilled_length, pickle)`` of a received payload."""
     view = memoryview(data)
-    if len(view) >= FD_HEADER.size and view[:4] == FD_MAGIC:
+    if len(view) >= FD_HEADER.size and bytes(view[:4]) == FD_MAGIC:
         _, nfds, spilled = FD_HEADER.unpack_from(view)
         return nfds, spilled, view[FD_HEADER.size :]
     return 0, 0, view

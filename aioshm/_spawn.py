@@ -89,7 +89,7 @@ def _round_trips(obj: object) -> bool:
     """Whether ``obj`` survives a ForkingPickler dump and a load (so the parent can rebuild it)."""
     try:
         pickle.loads(ForkingPickler.dumps(obj))
-    except Exception:  # noqa: BLE001 - any failure of a user's __reduce__ means "no"
+    except Exception:
         return False
     return True
 
@@ -100,7 +100,7 @@ def _report_raised(conn: _ResultConnection, exc: BaseException) -> None:
     payload = exc if _round_trips(exc) else None
     try:
         conn.send(("raised", payload, _type_name(type(exc)), tb_text))
-    except Exception:  # noqa: BLE001 - the checked exception failed after all, or no parent
+    except Exception:
         # The type name and the text still carry the failure; a gone parent needs nothing.
         with contextlib.suppress(Exception):
             conn.send(("raised", None, _type_name(type(exc)), tb_text))
@@ -120,7 +120,7 @@ def _wrap(
     try:
         try:
             value = fn(rank, *args)
-        except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - reported to the parent
+        except (Exception, KeyboardInterrupt) as exc:
             failed = True
             _report_raised(result_conn, exc)
         else:
@@ -128,7 +128,7 @@ def _wrap(
                 result_conn.send(("ok", value))
             except (BrokenPipeError, ConnectionResetError):
                 failed = True  # the parent is gone: nobody to report to
-            except Exception as err:  # noqa: BLE001 - the value could not be pickled
+            except Exception as err:
                 failed = True
                 try:
                     raise pickle.PicklingError(
@@ -215,7 +215,7 @@ class ProcessContext:
                     report = conn.recv()
                 except (EOFError, OSError):
                     pass
-                except Exception as exc:  # noqa: BLE001 - arrived, but cannot be rebuilt here
+                except Exception as exc:
                     self._reports.setdefault(index, ("lost", exc))
                 else:
                     if isinstance(report, tuple) and report and report[0] in ("ok", "raised"):

@@ -15,7 +15,7 @@ Start-method state is shared with the stdlib module. This module never imports a
 from __future__ import annotations
 
 import multiprocessing as _stdlib_mp
-from multiprocessing import *  # noqa: F403
+from multiprocessing import *
 from typing import Any
 
 from . import _procutil, _reduction
@@ -37,9 +37,7 @@ def __getattr__(name: str) -> Any:
     if name == "SpawnContext":  # torch's deprecated alias
         import warnings
 
-        warnings.warn(
-            "SpawnContext is renamed to ProcessContext", DeprecationWarning, stacklevel=2
-        )
+        warnings.warn("SpawnContext is renamed to ProcessContext", DeprecationWarning, stacklevel=2)
         return ProcessContext
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 

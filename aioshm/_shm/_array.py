@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -54,7 +54,9 @@ def is_shared(a: Any) -> bool:
     return isinstance(a, np.ndarray) and segment_buffer_of(a) is not None
 
 
-def _alloc(shape: ShapeLike, dtype: npt.DTypeLike, order: str) -> np.ndarray:
+def _alloc(
+    shape: ShapeLike, dtype: npt.DTypeLike | None, order: Literal["C", "F"] | str
+) -> np.ndarray:
     dt = np.dtype(dtype)
     if dt.hasobject:
         raise TypeError(f"cannot put dtype {dt} in shared memory: it holds Python objects")
@@ -66,7 +68,7 @@ def _alloc(shape: ShapeLike, dtype: npt.DTypeLike, order: str) -> np.ndarray:
     nbytes = math.prod(shp) * dt.itemsize
     buf = create(nbytes)
     root = np.asarray(buf)
-    return np.ndarray(shp, dt, buffer=root, order=order)  # type: ignore[call-overload,no-any-return]
+    return np.ndarray(shp, dt, buffer=root, order="F" if order == "F" else "C")
 
 
 def empty(shape: ShapeLike, dtype: npt.DTypeLike = float, order: str = "C") -> np.ndarray:
@@ -85,7 +87,7 @@ def ones(shape: ShapeLike, dtype: npt.DTypeLike = float, order: str = "C") -> np
 
 
 def full(
-    shape: ShapeLike, fill_value: Any, dtype: npt.DTypeLike = None, order: str = "C"
+    shape: ShapeLike, fill_value: Any, dtype: npt.DTypeLike | None = None, order: str = "C"
 ) -> np.ndarray:
     """A new array filled with ``fill_value`` in shared memory."""
     if dtype is None:
@@ -105,7 +107,7 @@ def _like_order(proto: np.ndarray, order: str) -> str:
 
 def empty_like(
     prototype: npt.ArrayLike,
-    dtype: npt.DTypeLike = None,
+    dtype: npt.DTypeLike | None = None,
     order: str = "K",
     shape: ShapeLike | None = None,
 ) -> np.ndarray:
@@ -116,7 +118,7 @@ def empty_like(
 
 def zeros_like(
     prototype: npt.ArrayLike,
-    dtype: npt.DTypeLike = None,
+    dtype: npt.DTypeLike | None = None,
     order: str = "K",
     shape: ShapeLike | None = None,
 ) -> np.ndarray:
@@ -126,7 +128,7 @@ def zeros_like(
 
 def ones_like(
     prototype: npt.ArrayLike,
-    dtype: npt.DTypeLike = None,
+    dtype: npt.DTypeLike | None = None,
     order: str = "K",
     shape: ShapeLike | None = None,
 ) -> np.ndarray:
@@ -137,7 +139,7 @@ def ones_like(
 def full_like(
     prototype: npt.ArrayLike,
     fill_value: Any,
-    dtype: npt.DTypeLike = None,
+    dtype: npt.DTypeLike | None = None,
     order: str = "K",
     shape: ShapeLike | None = None,
 ) -> np.ndarray:
@@ -167,8 +169,8 @@ def share(a: npt.ArrayLike) -> np.ndarray:
 def copy_into_pool(a: np.ndarray) -> np.ndarray:
     """A copy of ``a`` in a recycled (pooled) segment; used by the reducers for value sends."""
     buf = create(a.nbytes, pooled=True)
-    order = "F" if a.flags.f_contiguous and not a.flags.c_contiguous else "C"
-    out: np.ndarray = np.ndarray(a.shape, a.dtype, buffer=np.asarray(buf), order=order)  # type: ignore[call-overload]
+    order: Literal["C", "F"] = "F" if a.flags.f_contiguous and not a.flags.c_contiguous else "C"
+    out: np.ndarray = np.ndarray(a.shape, a.dtype, buffer=np.asarray(buf), order=order)
     np.copyto(out, a, casting="no")
     return out
 
@@ -226,14 +228,12 @@ def view_on(
         if any(abs(s) > size for n, s in zip(dims, steps, strict=True) if n > 1):
             raise InvalidHandle(f"array stride larger than the {size}-byte segment: {steps}")
         if lo < 0 or hi > size:
-            raise InvalidHandle(
-                f"array view [{lo}, {hi}) does not fit in the {size}-byte segment"
-            )
+            raise InvalidHandle(f"array view [{lo}, {hi}) does not fit in the {size}-byte segment")
     root = np.asarray(buf)
     if count == 0:
-        out = np.ndarray(tuple(dims), dt, buffer=root, offset=0, strides=None)  # type: ignore[call-overload]
+        out = np.ndarray(tuple(dims), dt, buffer=root, offset=0, strides=None)
     else:
-        out = np.ndarray(tuple(dims), dt, buffer=root, offset=off, strides=tuple(steps))  # type: ignore[call-overload]
+        out = np.ndarray(tuple(dims), dt, buffer=root, offset=off, strides=tuple(steps))
     if readonly:
         out.flags.writeable = False
-    return out  # type: ignore[no-any-return]
+    return out

@@ -227,7 +227,9 @@ def _open_new_memfd(size: int) -> int:
         raise _check_new_fd("create a memfd segment", exc) from exc
     try:
         _reserve(fd, size)
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
+        fcntl.fcntl(
+            fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+        )
     except BaseException:
         os.close(fd)
         raise
@@ -239,7 +241,12 @@ def _open_new_memfd(size: int) -> int:
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mmap.restype = ctypes.c_void_p
 _libc.mmap.argtypes = (
-    ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_long,
 )
 _libc.munmap.restype = ctypes.c_int
 _libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
@@ -577,9 +584,7 @@ def _check_name(name: str) -> re.Match[str]:
     return m
 
 
-def attach_name(
-    name: str, ticket: str | None = None, *, pooled: bool = False
-) -> SegmentBuffer:
+def attach_name(name: str, ticket: str | None = None, *, pooled: bool = False) -> SegmentBuffer:
     """Open the named segment ``name`` (validated), adopting ``ticket`` (a link) if given."""
     _check_name(name)
     if ticket is not None:

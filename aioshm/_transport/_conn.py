@@ -57,7 +57,9 @@ async def send_async(conn: Connection, obj: Any) -> None:
         _reduction.close_owned(fds, owned)
 
 
-async def send_bytes_async(conn: Connection, buf: Any, offset: int = 0, size: int | None = None) -> None:
+async def send_bytes_async(
+    conn: Connection, buf: Any, offset: int = 0, size: int | None = None
+) -> None:
     m = memoryview(buf)
     if m.itemsize > 1:
         m = m.cast("B")

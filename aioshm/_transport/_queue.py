@@ -21,7 +21,14 @@ if TYPE_CHECKING:
     from .._connection import RecordChannel
     from .._queues import JoinableQueue, Queue, SimpleQueue
 
-__all__ = ("get_async", "iterate", "join_async", "put_async", "simple_get_async", "simple_put_async")
+__all__ = (
+    "get_async",
+    "iterate",
+    "join_async",
+    "put_async",
+    "simple_get_async",
+    "simple_put_async",
+)
 
 _IN, _OUT = select.POLLIN, select.POLLOUT
 
@@ -66,7 +73,9 @@ async def put_async(q: Queue, obj: Any, block: bool, timeout: float | None) -> N
                     if q._is_shutdown():
                         raise QueueShutDown(f"Queue {q!r} is shut down")
                     if have_slot:
-                        waiter = locks.wait_for("room", [(q._writer.fileno(), _OUT), (q._shut_r, _IN)])
+                        waiter = locks.wait_for(
+                            "room", [(q._writer.fileno(), _OUT), (q._shut_r, _IN)]
+                        )
                     else:
                         waiter = locks.wait_for("slot", [(q._slots_r, _IN), (q._shut_r, _IN)])
                     if not await _wait_until(waiter, deadline):
