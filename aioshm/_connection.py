@@ -101,6 +101,7 @@ class Connection(_mp_connection.Connection):
     _sock: socket.socket | None = None
     _decoder: FrameDecoder | None = None
     _fdq: list[int] | None = None
+    _truncated: FdLimitError | None = None
     _async_state: Any = None  # per-connection async locks, made by aioshm._transport
 
     def _socket(self) -> socket.socket:
@@ -172,9 +173,13 @@ class Connection(_mp_connection.Connection):
             except InterruptedError:
                 continue
             break
-        if ancdata:
+        if ancdata or mflags & socket.MSG_CTRUNC:
             assert self._fdq is not None
-            self._fdq.extend(_fds_from_ancdata(ancdata, mflags))
+            try:
+                self._fdq.extend(_fds_from_ancdata(ancdata, mflags))
+            except FdLimitError as exc:
+                # keep reading this frame so the stream stays in step; raise when it is complete
+                self._truncated = exc
         if not chunk:
             truncated = decoder.pending_bytes > 0
             if truncated:
@@ -191,6 +196,11 @@ class Connection(_mp_connection.Connection):
         if frame is NEED_DATA:
             return None
         assert isinstance(frame, bytes) and self._fdq is not None
+        if self._truncated is not None:
+            exc, self._truncated = self._truncated, None
+            _close_all(self._fdq)
+            self._fdq = []
+            raise exc
         nfds, _, _ = _reduction.split_payload(frame)
         if nfds > len(self._fdq):
             raise ProtocolError(f"frame announced {nfds} fds but {len(self._fdq)} arrived")

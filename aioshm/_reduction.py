@@ -77,7 +77,7 @@ def set_share_threshold(nbytes: int) -> None:
     Below it they are pickled inline. ``0`` sends every non-object array through shared memory.
     """
     global _threshold
-    if not isinstance(nbytes, int) or nbytes < 0:
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
         raise ValueError(f"threshold must be a non-negative int, got {nbytes!r}")
     _threshold = nbytes
 

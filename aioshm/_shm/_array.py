@@ -210,8 +210,10 @@ def view_on(
     if not isinstance(shape, tuple | list) or not isinstance(strides, tuple | list):
         raise InvalidHandle("array handle shape and strides must be sequences")
     ndim = len(shape)
-    if ndim > MAX_NDIM or len(strides) != ndim:
-        raise InvalidHandle(f"array handle with {ndim} dims and {len(strides)} strides")
+    if ndim + dt.ndim > MAX_NDIM or len(strides) != ndim:
+        raise InvalidHandle(
+            f"array handle with {ndim} dims (dtype adds {dt.ndim}) and {len(strides)} strides"
+        )
     dims = [_check_int(n, "shape") for n in shape]
     steps = [_check_int(s, "stride") for s in strides]
     off = _check_int(offset, "offset")
@@ -219,21 +221,25 @@ def view_on(
         raise InvalidHandle(f"negative dimension in array handle: {dims}")
     if off < 0 or off > size:
         raise InvalidHandle(f"array offset {off} outside a {size}-byte segment")
+    if any(abs(s) > size for s in steps):
+        raise InvalidHandle(f"array stride larger than the {size}-byte segment: {steps}")
+    # the size limit applies to every dimension, even when another one is zero
+    if math.prod(max(n, 1) for n in dims) * itemsize > MAX_VIEW_BYTES:
+        raise InvalidHandle(f"array handle claims more than {MAX_VIEW_BYTES} bytes")
     count = math.prod(dims)
-    if count * itemsize > MAX_VIEW_BYTES:
-        raise InvalidHandle(f"array handle claims {count * itemsize} bytes; limit {MAX_VIEW_BYTES}")
     if count:
         lo = off + sum(min(0, (n - 1) * s) for n, s in zip(dims, steps, strict=True))
         hi = off + sum(max(0, (n - 1) * s) for n, s in zip(dims, steps, strict=True)) + itemsize
-        if any(abs(s) > size for n, s in zip(dims, steps, strict=True) if n > 1):
-            raise InvalidHandle(f"array stride larger than the {size}-byte segment: {steps}")
         if lo < 0 or hi > size:
             raise InvalidHandle(f"array view [{lo}, {hi}) does not fit in the {size}-byte segment")
     root = np.asarray(buf)
-    if count == 0:
-        out = np.ndarray(tuple(dims), dt, buffer=root, offset=0, strides=None)
-    else:
-        out = np.ndarray(tuple(dims), dt, buffer=root, offset=off, strides=tuple(steps))
+    try:
+        if count == 0:
+            out = np.ndarray(tuple(dims), dt, buffer=root, offset=0)
+        else:
+            out = np.ndarray(tuple(dims), dt, buffer=root, offset=off, strides=tuple(steps))
+    except (ValueError, OverflowError, TypeError) as exc:  # numpy's own checks, as a backstop
+        raise InvalidHandle(f"invalid array handle: {exc}") from exc
     if readonly:
         out.flags.writeable = False
     return out

@@ -79,9 +79,12 @@ Strategy = Literal["file_descriptor", "file_system"]
 
 PAGE: Final = mmap.PAGESIZE
 PREFIX: Final = "aioshm_"
-_NAME_RE: Final = re.compile(r"^aioshm_(\d{1,10})_[0-9a-f]{16}(\.t(\d{1,10})_[0-9a-f]{16})?$")
+_NAME_RE: Final = re.compile(
+    r"aioshm_(\d{1,10})_[0-9a-f]{16}(\.t(\d{1,10})_[0-9a-f]{16})?", re.ASCII
+)
 _HAS_MEMFD: Final = hasattr(os, "memfd_create") and sys.platform.startswith("linux")
 _HAS_OFD: Final = hasattr(fcntl, "F_OFD_SETLK")
+_F_SEAL_FUTURE_WRITE: Final = getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x0010)
 _FLOCK: Final = struct.Struct("=hh4xqqi4x")  # struct flock on Linux (l_pid must be 0 for OFD locks)
 
 _lock = threading.RLock()
@@ -558,6 +561,10 @@ def attach_fd(fd: int, *, pooled: bool = False) -> SegmentBuffer:
             need = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
             if seals & need != need:
                 raise InvalidHandle(f"received memfd {fd} is not sealed against resizing")
+            if seals & (fcntl.F_SEAL_WRITE | _F_SEAL_FUTURE_WRITE):
+                raise InvalidHandle(f"received memfd {fd} is sealed against writing")
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDWR:
+            raise InvalidHandle(f"received segment fd {fd} is not open for reading and writing")
         if st.st_size <= 0:
             raise InvalidHandle(f"received segment fd {fd} is empty")
         key = (st.st_dev, st.st_ino)
@@ -578,7 +585,7 @@ def attach_fd(fd: int, *, pooled: bool = False) -> SegmentBuffer:
 def _check_name(name: str) -> re.Match[str]:
     if not isinstance(name, str) or len(name) > 200:
         raise InvalidHandle(f"invalid segment name {name!r}")
-    m = _NAME_RE.match(name)
+    m = _NAME_RE.fullmatch(name)
     if m is None:
         raise InvalidHandle(f"invalid segment name {name!r}: not an aioshm segment")
     return m
@@ -599,6 +606,8 @@ def attach_name(name: str, ticket: str | None = None, *, pooled: bool = False) -
     except FileNotFoundError as exc:
         raise InvalidHandle(f"shared-memory segment {name!r} no longer exists") from exc
     except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO, errno.EACCES, errno.EPERM):
+            raise InvalidHandle(f"{name!r} is not an aioshm segment we may map ({exc})") from exc
         raise _check_new_fd(f"open segment {name!r}", exc) from exc
     try:
         st = os.fstat(fd)
@@ -651,7 +660,7 @@ def _iter_names(directory: str) -> Iterator[tuple[str, re.Match[str]]]:
     except FileNotFoundError:
         return
     for entry in entries:
-        m = _NAME_RE.match(entry)
+        m = _NAME_RE.fullmatch(entry)
         if m is not None:
             yield entry, m
 
@@ -661,7 +670,9 @@ def cleanup_orphans() -> list[str]:
 
     A name is an orphan when the process that created it (or, for a ticket, the process that
     sent it) is dead and no living process holds the segment. Returns the names removed.
-    Segments held by a live process are never touched.
+    Segments held by a live process are never touched. A message still queued from a sender
+    that died holds only a ticket, so call this when such messages no longer matter (at
+    start-up, or after the queues of the dead processes are gone).
     """
     directory = shm_dir()
     removed: list[str] = []
