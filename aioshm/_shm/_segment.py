@@ -42,6 +42,7 @@ costs neither a new segment nor a new mapping (Ray's object store does the same)
 from __future__ import annotations
 
 import collections
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -55,6 +56,7 @@ import sys
 import threading
 import weakref
 from collections.abc import Iterator
+from multiprocessing import util as _mp_util
 from typing import Final, Literal
 
 from .._exceptions import FdLimitError, InvalidHandle, SharedMemoryError, SharedMemoryFull
@@ -367,9 +369,11 @@ class Segment:
             return False
         if not _ofd_lock(self.fd, fcntl.F_WRLCK):
             return False
-        if self.name is not None and os.fstat(self.fd).st_nlink > 1:
+        if self.name is not None and os.fstat(self.fd).st_nlink != 1:
+            # > 1: a ticket is still in flight; 0: the last other holder unlinked the name
+            # (nobody held it while it sat idle here), so it can never be sent again
             _ofd_lock(self.fd, fcntl.F_UNLCK)
-            return False  # a ticket is still in flight
+            return False
         _ofd_lock(self.fd, fcntl.F_RDLCK)  # atomic conversion: no gap for a competitor
         self.locked = True
         return True
@@ -491,6 +495,47 @@ def _register(seg: Segment) -> Segment:
     return seg
 
 
+def _after_fork_in_child() -> None:
+    """A forked child shares its parent's open file descriptions, hence its locks: give every
+    segment the child holds views of its own description and lock, and forget the idle ones
+    (closing our copy of their fds leaves the parent's description, lock and name alone)."""
+    global _lock, _idle_bytes
+    _lock = threading.RLock()
+    for seg in list(_segments.values()):
+        if seg.has_views():
+            try:
+                fd = os.open(f"/proc/self/fd/{seg.fd}", os.O_RDWR | os.O_CLOEXEC)
+            except OSError:
+                continue
+            os.dup2(fd, seg.fd, inheritable=False)
+            os.close(fd)
+            _ofd_lock(seg.fd, fcntl.F_RDLCK, wait=True)
+            seg.locked = True
+        else:
+            _segments.pop(seg.key, None)
+            _idle.pop(seg.key, None)
+            seg.closed = True
+            _unmap(seg.address, seg.size)
+            os.close(seg.fd)
+            seg.fd = -1
+    _idle_bytes = sum(seg.size for seg in _idle.values())
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _trim_at_exit() -> None:
+    with contextlib.suppress(Exception):  # never let cleanup at exit mask the real exit
+        trim()
+
+
+# multiprocessing runs these finalizers at exit in the main process (atexit) and in every
+# child it starts (which leave through os._exit): idle recycled segments are released, so a
+# named one whose other holders are gone gets unlinked.
+_mp_util.Finalize(None, _trim_at_exit, exitpriority=10)
+
+
 # --------------------------------------------------------------------------- public constructors
 
 
@@ -527,18 +572,25 @@ def create(nbytes: int, *, strategy: str | None = None, pooled: bool = False) ->
 
 
 def _claim_pooled(size: int, strategy: str) -> Segment | None:
-    with _lock:
-        candidates = [
-            s for s in _idle.values() if s.kind == strategy and size <= s.size <= 2 * size
-        ]
-        candidates.sort(key=lambda s: s.size)
-        for seg in candidates:
-            if seg.try_claim():
-                global _idle_bytes
-                del _idle[seg.key]
-                _idle_bytes -= seg.size
-                return seg
-    return None
+    global _idle_bytes
+    orphaned: list[Segment] = []
+    try:
+        with _lock:
+            candidates = [
+                s for s in _idle.values() if s.kind == strategy and size <= s.size <= 2 * size
+            ]
+            candidates.sort(key=lambda s: s.size)
+            for seg in candidates:
+                if seg.try_claim():
+                    del _idle[seg.key]
+                    _idle_bytes -= seg.size
+                    return seg
+                if seg.name is not None and os.fstat(seg.fd).st_nlink == 0:
+                    orphaned.append(seg)
+        return None
+    finally:
+        for seg in orphaned:
+            seg.close()
 
 
 def attach_fd(fd: int, *, pooled: bool = False) -> SegmentBuffer:
