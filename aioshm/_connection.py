@@ -145,15 +145,32 @@ class Connection(_mp_connection.Connection):
         """Blocking send of header+payload, the fds riding with the first byte."""
         frame = encode_frame(data)
         anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
-        try:
-            sent = self._socket().sendmsg([frame[0]], anc)
-        except OSError as exc:
-            raise _rlimit_hint(exc) from exc
+        while True:
+            try:
+                sent = self._socket().sendmsg([frame[0]], anc)
+            except BlockingIOError:
+                _wait(self.fileno(), select.POLLOUT, None)  # see _read_some
+                continue
+            except OSError as exc:
+                raise _rlimit_hint(exc) from exc
+            break
         view = memoryview(frame[0])[sent:]
         if view:
             self._send(view)
         for part in frame[1:]:
             self._send(part)
+
+    def _send(self, buf: Any, write: Any = None) -> None:
+        """Write all of ``buf``, waiting if the description was made non-blocking elsewhere."""
+        view = memoryview(buf)
+        fd = self.fileno()
+        while view:
+            try:
+                n = os.write(fd, view)
+            except BlockingIOError:
+                _wait(fd, select.POLLOUT, None)
+                continue
+            view = view[n:]
 
     def _send_bytes(self, buf: Any) -> None:
         self._send_payload(buf, [])
@@ -171,6 +188,13 @@ class Connection(_mp_connection.Connection):
             try:
                 chunk, ancdata, mflags, _ = sock.recvmsg(want, _CMSG_SPACE, _RECV_FLAGS | flags)
             except InterruptedError:
+                continue
+            except BlockingIOError:
+                if flags:
+                    raise
+                # another process's event loop (libuv) made the shared description
+                # non-blocking: the blocking face waits instead of failing
+                _wait(self.fileno(), select.POLLIN, None)
                 continue
             break
         if ancdata or mflags & socket.MSG_CTRUNC:

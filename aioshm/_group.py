@@ -30,6 +30,7 @@ import anyio.lowlevel
 from . import _spawn
 from ._context import DEFAULT_START_METHOD
 from ._process import DEFAULT_GRACE_PERIOD
+from ._transport._proc import wait_reapable
 from ._transport._waits import MultiWait
 
 __all__ = ("DEFAULT_START_METHOD", "AsyncProcessContext", "spawn", "start_processes")
@@ -142,7 +143,11 @@ class AsyncProcessContext(_spawn.ProcessContext):
                 ranks = []
                 for sentinel in exited:
                     index = self.sentinels.pop(sentinel)
-                    self._reap(index)  # the sentinel fired: join() does not block
+                    pid = self.processes[index].pid
+                    if pid is not None:
+                        with anyio.CancelScope(shield=True):
+                            await wait_reapable(pid)
+                    self._reap(index)  # reapable now: join() does not block
                     self._receive(index, exited=True)
                     ranks.append(index)
                 return ranks

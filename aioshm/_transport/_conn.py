@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
@@ -22,6 +23,25 @@ __all__ = ("iterate", "poll_async", "recv_async", "recv_bytes_async", "send_asyn
 _DONTWAIT = socket.MSG_DONTWAIT
 
 
+async def _wait(conn: Connection, *, write: bool) -> None:
+    """Wait until the connection's fd is ready, keeping its blocking mode as it was.
+
+    Connections stay blocking for the sync face (children share the open file description).
+    uvloop's poller (libuv) switches the description to non-blocking while it watches it, so
+    it is switched back afterwards; the sync face tolerates the window in between.
+    """
+    fd = conn.fileno()
+    blocking = os.get_blocking(fd)
+    try:
+        if write:
+            await anyio.wait_writable(fd)
+        else:
+            await anyio.wait_readable(fd)
+    finally:
+        if blocking and not os.get_blocking(fd):
+            os.set_blocking(fd, True)
+
+
 async def _send_payload(conn: Connection, data: Any, fds: list[int]) -> None:
     conn._check_closed()
     conn._check_writable()
@@ -30,7 +50,7 @@ async def _send_payload(conn: Connection, data: Any, fds: list[int]) -> None:
         frame = encode_frame(data)
         sent = conn._send_first(frame[0], fds)
         while sent == 0:
-            await anyio.wait_writable(conn.fileno())
+            await _wait(conn, write=True)
             sent = conn._send_first(frame[0], fds)
         rest = [memoryview(frame[0])[sent:], *(memoryview(p) for p in frame[1:])]
         if any(len(p) for p in rest):
@@ -43,7 +63,7 @@ async def _send_payload(conn: Connection, data: Any, fds: list[int]) -> None:
                         try:
                             n = sock.send(part, _DONTWAIT)
                         except BlockingIOError:
-                            await anyio.wait_writable(conn.fileno())
+                            await _wait(conn, write=True)
                             continue
                         part = part[n:]
     await anyio.lowlevel.cancel_shielded_checkpoint()
@@ -89,7 +109,7 @@ async def _recv_frame(conn: Connection) -> tuple[bytes, list[int]]:
             try:
                 conn._read_some(_DONTWAIT)
             except BlockingIOError:
-                await anyio.wait_readable(conn.fileno())
+                await _wait(conn, write=False)
     await anyio.lowlevel.cancel_shielded_checkpoint()
     return got
 
@@ -104,8 +124,6 @@ async def recv_bytes_async(conn: Connection, maxlength: int | None = None) -> by
         raise ValueError("negative maxlength")
     frame, fds = await _recv_frame(conn)
     for fd in fds:
-        import os
-
         os.close(fd)
     if maxlength is not None and len(frame) > maxlength:
         conn.close()
@@ -125,7 +143,7 @@ async def poll_async(conn: Connection, timeout: float | None = 0.0) -> bool:
         return conn.poll(0)
     async with locks_of(conn).read:
         with anyio.move_on_after(timeout):
-            await anyio.wait_readable(conn.fileno())
+            await _wait(conn, write=False)
             return True
     return False
 

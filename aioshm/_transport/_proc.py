@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import select
 import socket
 import time
@@ -26,6 +27,23 @@ def _readable(fd: int) -> bool:
     return bool(p.poll(0))
 
 
+async def wait_reapable(pid: int) -> None:
+    """Wait until child ``pid`` can be reaped without blocking.
+
+    A child closes its fds (so its sentinel turns readable) a moment *before* it becomes a
+    zombie; a pidfd turns readable only once it is one. Without pidfds, the short wait
+    happens in ``join()``.
+    """
+    try:
+        pidfd = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return
+    try:
+        await anyio.wait_readable(pidfd)
+    finally:
+        os.close(pidfd)
+
+
 async def wait_exit(proc: Any, timeout: float | None = None) -> bool:
     """Wait until ``proc`` exits (its sentinel is readable) and reap it; False on timeout."""
     if proc.exitcode is None:
@@ -34,7 +52,9 @@ async def wait_exit(proc: Any, timeout: float | None = None) -> bool:
             await anyio.wait_readable(sentinel)
         if not _readable(sentinel):
             return False
-    proc.join(0)  # reaps; does not block once the sentinel fired
+        with anyio.CancelScope(shield=True):
+            await wait_reapable(proc.pid)
+        proc.join()
     return proc.exitcode is not None
 
 
