@@ -35,7 +35,8 @@ from ._wire import NEED_DATA, FrameDecoder, encode_frame
 __all__ = ("MAX_RECORD", "Connection", "Pipe", "RecordChannel", "record_pair")
 
 _CMSG_SPACE: Final = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * 4)
-_RECV_FLAGS: Final = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
+_RECV_FLAGS: Final = int(getattr(socket, "MSG_CMSG_CLOEXEC", 0))
+_MSG_CTRUNC: Final = int(socket.MSG_CTRUNC)
 #: Records larger than this are spilled into a memfd (kernel socket buffers stay small).
 MAX_RECORD: Final = 64 * 1024
 _SOCKBUF: Final = 4 << 20
@@ -51,7 +52,7 @@ def _fds_from_ancdata(ancdata: list[tuple[int, int, bytes]], flags: int) -> list
     if not _RECV_FLAGS:
         for fd in fds:
             os.set_inheritable(fd, False)
-    if flags & socket.MSG_CTRUNC:
+    if flags & _MSG_CTRUNC:
         for fd in fds:
             os.close(fd)
         raise FdLimitError(
@@ -177,7 +178,12 @@ class Connection(_mp_connection.Connection):
 
     # -- receiving --------------------------------------------------------------------------
     def _read_some(self, flags: int) -> None:
-        """One exact-size read into the decoder (raises BlockingIOError with MSG_DONTWAIT)."""
+        """One exact-size read into the decoder (raises BlockingIOError with MSG_DONTWAIT).
+
+        Never past the current frame: a complete frame left buffered here would be invisible
+        to ``multiprocessing.connection.wait``, which only looks at the socket. fds arrive with
+        the first byte of their frame, so exact reads also keep them with their frames.
+        """
         decoder = self._decoder
         if decoder is None:
             decoder = self._decoder = FrameDecoder()
@@ -197,7 +203,7 @@ class Connection(_mp_connection.Connection):
                 _wait(self.fileno(), select.POLLIN, None)
                 continue
             break
-        if ancdata or mflags & socket.MSG_CTRUNC:
+        if ancdata or mflags & _MSG_CTRUNC:
             assert self._fdq is not None
             try:
                 self._fdq.extend(_fds_from_ancdata(ancdata, mflags))
@@ -225,7 +231,7 @@ class Connection(_mp_connection.Connection):
             _close_all(self._fdq)
             self._fdq = []
             raise exc
-        nfds, _, _ = _reduction.split_payload(frame)
+        nfds = _reduction.announced_fds(frame)
         if nfds > len(self._fdq):
             raise ProtocolError(f"frame announced {nfds} fds but {len(self._fdq)} arrived")
         fds, self._fdq[:nfds] = self._fdq[:nfds], []
@@ -416,9 +422,13 @@ class RecordChannel:
         return self._sock
 
     # -- sending ----------------------------------------------------------------------------
-    def encode(self, obj: Any) -> tuple[bytes | bytearray | memoryview, list[int], list[bool]]:
-        """Pickle ``obj`` into one record (spilling big payloads): ``(record, fds, owned)``."""
-        data, fds, owned = _reduction.dumps(obj)
+    def encode(
+        self, obj: Any, copies: list[Any] | None = None
+    ) -> tuple[bytes | bytearray | memoryview, list[int], list[bool]]:
+        """Pickle ``obj`` into one record (spilling big payloads): ``(record, fds, owned)``.
+
+        ``copies``: see :func:`aioshm._reduction.dumps`."""
+        data, fds, owned = _reduction.dumps(obj, copies)
         if len(data) > MAX_RECORD:
             nfds, _, body = _reduction.split_payload(data)
             try:

@@ -145,8 +145,11 @@ class AsyncProcessContext(_spawn.ProcessContext):
                     index = self.sentinels.pop(sentinel)
                     pid = self.processes[index].pid
                     if pid is not None:
-                        with anyio.CancelScope(shield=True):
+                        try:
                             await wait_reapable(pid)
+                        except BaseException:
+                            self.sentinels[sentinel] = index  # still ours to stop and reap
+                            raise
                     self._reap(index)  # reapable now: join() does not block
                     self._receive(index, exited=True)
                     ranks.append(index)

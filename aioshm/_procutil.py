@@ -7,6 +7,7 @@ the parent: :func:`arm_parent_death_watch` only ever starts its watcher thread i
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import multiprocessing
@@ -15,7 +16,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 __all__ = (
     "_get_thread_name",
@@ -51,7 +52,9 @@ def _get_libc() -> ctypes.CDLL | None:
         _libc_loaded = True
         if _IS_LINUX:
             try:
-                lib = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+                lib = ctypes.CDLL(
+                    None, use_errno=True
+                )  # the running libc; find_library runs ldconfig
                 lib.prctl.restype = ctypes.c_int
                 _libc = lib
             except (OSError, AttributeError):
@@ -188,3 +191,46 @@ def raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
     except (OSError, ValueError):
         pass
+
+
+# --------------------------------------------------------------------------- fork and signals
+
+_deferred_mask: set[int | signal.Signals] | None = None
+
+
+@contextlib.contextmanager
+def signals_deferred_over_fork() -> Iterator[None]:
+    """Hold catchable signals back while the calling (main) thread forks.
+
+    CPython runs Python after-fork callbacks (``logging``'s, aioshm's) inside ``os.fork()``;
+    an exception a signal handler raises there is printed and dropped ("Exception ignored"),
+    so a Ctrl-C during a fork start would be lost. Blocked signals stay pending and are
+    handled right after, where the exception propagates. The child unblocks its copy of
+    the mask in an after-fork hook before any of its own code runs.
+    """
+    global _deferred_mask
+    if (
+        not hasattr(signal, "pthread_sigmask")
+        or threading.current_thread() is not threading.main_thread()
+    ):
+        yield
+        return
+    catchable = signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, catchable)
+    _deferred_mask = old
+    try:
+        yield
+    finally:
+        _deferred_mask = None
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _restore_mask_in_child() -> None:
+    global _deferred_mask
+    if _deferred_mask is not None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, _deferred_mask)
+        _deferred_mask = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_restore_mask_in_child)

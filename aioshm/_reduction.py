@@ -58,6 +58,8 @@ __all__ = (
 ForkingPickler = _mp_reduction.ForkingPickler
 
 SHARE_THRESHOLD_DEFAULT: Final = 64 * 1024
+#: Value copies at least this large are left to the async sender (done in chunks).
+DEFER_COPY_MIN: Final = 4 << 20
 _threshold = SHARE_THRESHOLD_DEFAULT
 
 #: Prefix of a payload that carries fds: magic, number of fds, spilled length (0 = inline).
@@ -87,6 +89,7 @@ class _Local(threading.local):
     owned: list[bool] | None = None  # whether each collected fd is ours to close after sending
     memo: dict[object, int] | None = None
     incoming: list[int | None] | None = None  # fds received with the message being unpickled
+    copies: list[Any] | None = None  # large value copies an async sender does in chunks
 
 
 _local = _Local()
@@ -191,7 +194,12 @@ def reduce_ndarray(a: np.ndarray) -> tuple[Any, ...]:
     if buf is None:
         if a.dtype.hasobject or a.nbytes < _threshold or a.nbytes == 0:
             return a.__reduce__()  # type: ignore[return-value]
-        target = copy_into_pool(a)
+        copies = _local.copies
+        if copies is not None and a.nbytes >= DEFER_COPY_MIN:
+            target = copy_into_pool(a, copy=False)
+            copies.append((target, a))  # the async sender copies before it sends
+        else:
+            target = copy_into_pool(a)
         buf = segment_buffer_of(target)
         assert buf is not None
     seg = buf.segment
@@ -229,24 +237,28 @@ def init_reductions() -> None:
 # --------------------------------------------------------------------------- payloads
 
 
-def dumps(obj: object) -> tuple[bytes | bytearray | memoryview, list[int], list[bool]]:
+def dumps(
+    obj: object, copies: list[Any] | None = None
+) -> tuple[bytes | bytearray | memoryview, list[int], list[bool]]:
     """Pickle ``obj`` with fds in-band: ``(payload, fds, owned)``.
 
     The payload is a plain ``ForkingPickler`` pickle when no fd is needed (byte-compatible with
     the stdlib), else :data:`FD_HEADER` followed by the pickle. The caller sends ``fds`` with
-    the payload and then closes the ``owned`` ones.
+    the payload and then closes the ``owned`` ones. With ``copies`` (async senders), large
+    value copies are not made here but appended as ``(dst, src)`` for the caller to make,
+    in chunks, before sending.
     """
     fds: list[int] = []
     owned: list[bool] = []
-    prev = (_local.out, _local.owned, _local.memo)
-    _local.out, _local.owned, _local.memo = fds, owned, {}
+    prev = (_local.out, _local.owned, _local.memo, _local.copies)
+    _local.out, _local.owned, _local.memo, _local.copies = fds, owned, {}, copies
     try:
         data = ForkingPickler.dumps(obj, pickle.HIGHEST_PROTOCOL)
     except BaseException:
         close_owned(fds, owned)
         raise
     finally:
-        _local.out, _local.owned, _local.memo = prev
+        _local.out, _local.owned, _local.memo, _local.copies = prev
     if fds:
         return FD_HEADER.pack(FD_MAGIC, len(fds), 0) + data, fds, owned
     return data, fds, owned
@@ -262,6 +274,13 @@ def close_owned(fds: list[int], owned: list[bool]) -> None:
                 pass
 
 
+def announced_fds(frame: bytes) -> int:
+    """How many fds a received payload says it carries (0 for a plain pickle)."""
+    if frame.startswith(FD_MAGIC) and len(frame) >= FD_HEADER.size:
+        return int(FD_HEADER.unpack_from(frame)[1])
+    return 0
+
+
 def split_payload(data: bytes | bytearray | memoryview) -> tuple[int, int, memoryview]:
     """``(nfds, spilled_length, pickle)`` of a received payload."""
     view = memoryview(data)
@@ -273,6 +292,8 @@ def split_payload(data: bytes | bytearray | memoryview) -> tuple[int, int, memor
 
 def loads(data: bytes | bytearray | memoryview, fds: list[int]) -> Any:
     """Unpickle a payload made by :func:`dumps`, adopting ``fds`` (all closed or consumed)."""
+    if not fds and isinstance(data, bytes) and not data.startswith(FD_MAGIC):
+        return ForkingPickler.loads(data)  # the common case: a plain pickle
     incoming: list[int | None] = list(fds)
     prev = _local.incoming
     _local.incoming = incoming

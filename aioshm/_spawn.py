@@ -480,7 +480,11 @@ def _start(
         else:
             for rank in range(nprocs):
                 process = make(rank)
-                process.start()
+                if start_method == "fork":
+                    with _procutil.signals_deferred_over_fork():
+                        process.start()
+                else:
+                    process.start()
                 _reduction.release_spawn_fds(getattr(process, "_popen", None))
                 # Close the parent's write end before the next start, so that under fork a
                 # later sibling does not inherit it.

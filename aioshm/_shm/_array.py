@@ -166,12 +166,15 @@ def share(a: npt.ArrayLike) -> np.ndarray:
     return out
 
 
-def copy_into_pool(a: np.ndarray) -> np.ndarray:
-    """A copy of ``a`` in a recycled (pooled) segment; used by the reducers for value sends."""
+def copy_into_pool(a: np.ndarray, *, copy: bool = True) -> np.ndarray:
+    """A copy of ``a`` in a recycled (pooled) segment; used by the reducers for value sends.
+
+    With ``copy=False`` the array is only allocated (same shape, dtype and order)."""
     buf = create(a.nbytes, pooled=True)
     order: Literal["C", "F"] = "F" if a.flags.f_contiguous and not a.flags.c_contiguous else "C"
     out: np.ndarray = np.ndarray(a.shape, a.dtype, buffer=np.asarray(buf), order=order)
-    np.copyto(out, a, casting="no")
+    if copy:
+        np.copyto(out, a, casting="no")
     return out
 
 

@@ -13,14 +13,14 @@ import anyio.lowlevel
 from .. import _reduction
 from .._exceptions import ProtocolError
 from .._wire import encode_frame
-from ._waits import locks_of
+from ._waits import copy_in_chunks, locks_of
 
 if TYPE_CHECKING:
     from .._connection import Connection
 
 __all__ = ("iterate", "poll_async", "recv_async", "recv_bytes_async", "send_async")
 
-_DONTWAIT = socket.MSG_DONTWAIT
+_DONTWAIT = int(socket.MSG_DONTWAIT)
 
 
 async def _wait(conn: Connection, *, write: bool) -> None:
@@ -31,27 +31,37 @@ async def _wait(conn: Connection, *, write: bool) -> None:
     it is switched back afterwards; the sync face tolerates the window in between.
     """
     fd = conn.fileno()
-    blocking = os.get_blocking(fd)
     try:
         if write:
             await anyio.wait_writable(fd)
         else:
             await anyio.wait_readable(fd)
     finally:
-        if blocking and not os.get_blocking(fd):
+        if not os.get_blocking(fd):
             os.set_blocking(fd, True)
 
 
 async def _send_payload(conn: Connection, data: Any, fds: list[int]) -> None:
+    """Send one frame. Like ``loop.sock_sendall``, it returns without yielding when the kernel
+    takes the whole frame at once; it waits (a checkpoint) only when the socket is full."""
     conn._check_closed()
     conn._check_writable()
-    async with locks_of(conn).write:
-        await anyio.lowlevel.checkpoint_if_cancelled()
-        frame = encode_frame(data)
+    frame = encode_frame(data)
+    lock = locks_of(conn).write
+    await anyio.lowlevel.checkpoint_if_cancelled()
+    if not lock.locked():
+        # fast path: no other task of this loop is sending, and nothing below awaits
         sent = conn._send_first(frame[0], fds)
+        if sent == len(frame[0]) and len(frame) == 1:
+            return
+    else:
+        sent = -1
+    async with lock:
+        sent = max(sent, 0)
         while sent == 0:
-            await _wait(conn, write=True)
             sent = conn._send_first(frame[0], fds)
+            if sent == 0:
+                await _wait(conn, write=True)
         rest = [memoryview(frame[0])[sent:], *(memoryview(p) for p in frame[1:])]
         if any(len(p) for p in rest):
             # The frame is partly in the kernel: finishing it cannot be cancelled, or the
@@ -66,12 +76,13 @@ async def _send_payload(conn: Connection, data: Any, fds: list[int]) -> None:
                             await _wait(conn, write=True)
                             continue
                         part = part[n:]
-    await anyio.lowlevel.cancel_shielded_checkpoint()
 
 
 async def send_async(conn: Connection, obj: Any) -> None:
-    data, fds, owned = _reduction.dumps(obj)
+    copies: list[Any] = []
+    data, fds, owned = _reduction.dumps(obj, copies)
     try:
+        await copy_in_chunks(copies)
         await _send_payload(conn, data, fds)
     finally:
         _reduction.close_owned(fds, owned)
@@ -97,21 +108,35 @@ async def send_bytes_async(
     await _send_payload(conn, m[offset : offset + size], [])
 
 
+def _try_frame(conn: Connection) -> tuple[bytes, list[int]] | None:
+    """A complete frame if one can be had without blocking."""
+    while True:
+        got = conn._next_frame()
+        if got is not None:
+            return got
+        try:
+            conn._read_some(_DONTWAIT)
+        except BlockingIOError:
+            return None
+
+
 async def _recv_frame(conn: Connection) -> tuple[bytes, list[int]]:
     conn._check_closed()
     conn._check_readable()
-    async with locks_of(conn).read:
-        await anyio.lowlevel.checkpoint_if_cancelled()
+    lock = locks_of(conn).read
+    await anyio.lowlevel.checkpoint_if_cancelled()
+    if not lock.locked():
+        got = _try_frame(conn)  # fast path: nothing awaits in between
+        if got is not None:
+            # the frame is ours now: yield to other tasks without a cancellation point
+            await anyio.lowlevel.cancel_shielded_checkpoint()
+            return got
+    async with lock:
         while True:
-            got = conn._next_frame()
+            got = _try_frame(conn)
             if got is not None:
-                break
-            try:
-                conn._read_some(_DONTWAIT)
-            except BlockingIOError:
-                await _wait(conn, write=False)
-    await anyio.lowlevel.cancel_shielded_checkpoint()
-    return got
+                return got
+            await _wait(conn, write=False)
 
 
 async def recv_async(conn: Connection) -> Any:

@@ -14,7 +14,7 @@ import anyio
 import anyio.lowlevel
 
 from .. import _reduction
-from ._waits import MultiWait
+from ._waits import MultiWait, locks_of
 
 __all__ = ("join_async", "result_async", "stop_async", "wait_exit")
 
@@ -45,24 +45,31 @@ async def wait_reapable(pid: int) -> None:
 
 
 async def wait_exit(proc: Any, timeout: float | None = None) -> bool:
-    """Wait until ``proc`` exits (its sentinel is readable) and reap it; False on timeout."""
+    """Wait until ``proc`` has exited and reap it; False if ``timeout`` passed first."""
     if proc.exitcode is None:
-        sentinel = proc.sentinel
         with anyio.move_on_after(math.inf if timeout is None else timeout):
-            await anyio.wait_readable(sentinel)
-        if not _readable(sentinel):
-            return False
-        with anyio.CancelScope(shield=True):
+            await anyio.wait_readable(proc.sentinel)
+            # cancellable: a caller's cancel path kills and reaps
             await wait_reapable(proc.pid)
-        proc.join()
+        if not _readable(proc.sentinel):
+            return False
+        proc.join(0)
+        if proc.exitcode is None and (timeout is None or not _has_pidfd()):
+            proc.join()  # no pidfd: the last microseconds of the child's exit
     return proc.exitcode is not None
+
+
+def _has_pidfd() -> bool:
+    return hasattr(os, "pidfd_open")
 
 
 async def join_async(proc: Any, timeout: float | None) -> None:
     if proc._popen is None:
         raise AssertionError("can only join a started process")
     await anyio.lowlevel.checkpoint_if_cancelled()
-    await wait_exit(proc, timeout)
+    with anyio.move_on_after(math.inf if timeout is None else timeout):
+        async with locks_of(proc).read:  # one waiter per fd: other awaiters queue here
+            await wait_exit(proc)
 
 
 async def stop_async(procs: Sequence[Any], grace_period: float) -> None:
@@ -115,19 +122,25 @@ async def result_async(proc: Any) -> Any:
         proc.start()
     try:
         await anyio.lowlevel.checkpoint_if_cancelled()
-        if proc._result_r is not None:
-            waiter = MultiWait([(proc._result_r.fileno(), _IN), (proc.sentinel, _IN)])
-            try:
-                while proc._result_r is not None:
-                    await waiter.wait()
-                    if _readable(proc.sentinel):
-                        await _receive_report(proc, exited=True)
-                    elif _readable(proc._result_r.fileno()):
-                        await _receive_report(proc, exited=False)
-            finally:
-                waiter.close()
-        await wait_exit(proc)
+        async with locks_of(proc).read:  # several tasks may await one process
+            await _await_outcome(proc)
     except BaseException:
         await stop_async([proc], proc.grace_period)
         raise
     return proc._outcome()
+
+
+async def _await_outcome(proc: Any) -> None:
+    """Wait for the child's report (racing its sentinel), then for its exit; reap it."""
+    if proc._result_r is not None:
+        waiter = MultiWait([(proc._result_r.fileno(), _IN), (proc.sentinel, _IN)])
+        try:
+            while proc._result_r is not None:
+                await waiter.wait()
+                if _readable(proc.sentinel):
+                    await _receive_report(proc, exited=True)
+                elif _readable(proc._result_r.fileno()):
+                    await _receive_report(proc, exited=False)
+        finally:
+            waiter.close()
+    await wait_exit(proc)

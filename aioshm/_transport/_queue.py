@@ -15,7 +15,7 @@ import anyio.lowlevel
 
 from .. import _reduction
 from .._exceptions import QueueShutDown
-from ._waits import locks_of
+from ._waits import copy_in_chunks, locks_of
 
 if TYPE_CHECKING:
     from .._connection import RecordChannel
@@ -57,13 +57,16 @@ async def _wait_until(waiter: Any, deadline: float) -> bool:
 
 async def put_async(q: Queue, obj: Any, block: bool, timeout: float | None) -> None:
     q._check_put()
-    record, fds, owned = q._writer.encode(obj)
+    copies: list[Any] = []
+    record, fds, owned = q._writer.encode(obj, copies)
     try:
+        await copy_in_chunks(copies)
         locks = locks_of(q)
         deadline = _deadline(block, timeout)
         async with locks.write:
             await anyio.lowlevel.checkpoint_if_cancelled()
             have_slot = False
+            # like loop.sock_sendall: no yield when the item goes out at once
             try:
                 while True:
                     done, have_slot = q._try_put(record, fds, have_slot)
@@ -85,13 +88,13 @@ async def put_async(q: Queue, obj: Any, block: bool, timeout: float | None) -> N
                     q._give_slot()
     finally:
         _reduction.close_owned(fds, owned)
-    await anyio.lowlevel.cancel_shielded_checkpoint()
 
 
 async def get_async(q: Queue, block: bool, timeout: float | None) -> Any:
     q._check_closed()
     locks = locks_of(q)
     deadline = _deadline(block, timeout)
+    waited = False
     async with locks.read:
         await anyio.lowlevel.checkpoint_if_cancelled()
         while True:
@@ -103,8 +106,10 @@ async def get_async(q: Queue, block: bool, timeout: float | None) -> Any:
             waiter = locks.wait_for("item", [(q._reader.fileno(), _IN), (q._shut_r, _IN)])
             if not await _wait_until(waiter, deadline):
                 raise _queue.Empty
-    # the record is ours now: no cancellation point between taking it and returning it
-    await anyio.lowlevel.cancel_shielded_checkpoint()
+            waited = True
+    if not waited:
+        # the record is ours now: yield without a cancellation point, so it cannot be lost
+        await anyio.lowlevel.cancel_shielded_checkpoint()
     return q._reader.decode(*got)
 
 
@@ -139,8 +144,10 @@ async def _channel_recv(ch: RecordChannel, lock: anyio.Lock) -> Any:
 
 
 async def _channel_send(ch: RecordChannel, obj: Any, lock: anyio.Lock) -> None:
-    record, fds, owned = ch.encode(obj)
+    copies: list[Any] = []
+    record, fds, owned = ch.encode(obj, copies)
     try:
+        await copy_in_chunks(copies)
         async with lock:
             await anyio.lowlevel.checkpoint_if_cancelled()
             while not ch.try_send_record(record, fds):

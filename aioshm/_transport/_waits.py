@@ -22,9 +22,10 @@ class Locks:
     __slots__ = ("__weakref__", "join", "read", "waits", "write")
 
     def __init__(self) -> None:
-        self.read = anyio.Lock()
-        self.write = anyio.Lock()
-        self.join = anyio.Lock()
+        # fast_acquire: an uncontended acquire does not yield (the waits below do)
+        self.read = anyio.Lock(fast_acquire=True)
+        self.write = anyio.Lock(fast_acquire=True)
+        self.join = anyio.Lock(fast_acquire=True)
         self.waits: dict[str, MultiWait] = {}
 
     def wait_for(self, key: str, fds: list[tuple[int, int]]) -> MultiWait:
@@ -86,3 +87,25 @@ class MultiWait:
 
     def close(self) -> None:
         self._ep.close()
+
+
+#: Large value copies made for an async send are done this many bytes at a time, yielding to
+#: the event loop in between: a 512 MiB array never stalls the loop for one long copy.
+COPY_CHUNK = 4 << 20
+
+
+async def copy_in_chunks(copies: list[tuple[Any, Any]]) -> None:
+    """Do the ``(dst, src)`` array copies the reducers deferred, yielding between chunks."""
+    import anyio.lowlevel
+    import numpy as np
+
+    for dst, src in copies:
+        if dst.flags.f_contiguous and not dst.flags.c_contiguous:
+            dst, src = dst.T, src.T
+        if dst.flags.c_contiguous and src.flags.c_contiguous:
+            dst, src = dst.reshape(-1), src.reshape(-1)
+        row = max(1, dst[0].nbytes if dst.ndim > 1 else dst.itemsize)
+        step = max(1, COPY_CHUNK // row)
+        for start in range(0, len(dst), step):
+            np.copyto(dst[start : start + step], src[start : start + step], casting="no")
+            await anyio.lowlevel.checkpoint()

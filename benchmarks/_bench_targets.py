@@ -1,0 +1,98 @@
+"""Child-side functions for bench_pingpong.py, bench_spawn.py and bench_ticklag.py.
+
+They live in an importable module (``benchmarks/`` is ``sys.path[0]`` when a benchmark script
+runs, and children inherit it), so that spawn, forkserver and anyio's worker processes can
+unpickle them by reference. The module imports numpy on purpose: W5 measures process start
+for a target whose module imports numpy (see /work/shared/BASELINE.md).
+
+Nothing here imports aioshm, anyio or torch: the children use whatever objects the parent
+passed them, through their blocking stdlib-style methods.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+# --------------------------------------------------------------------------- W5: process start
+
+
+def f(rank: int) -> float:
+    """The W5 target: a tiny bit of numpy work, a small picklable result."""
+    return float(np.float64(rank) + 1.0)
+
+
+def stdlib_worker(rank: int, q: Any) -> None:
+    """The W5 target for stdlib ``Process``: report ``(rank, f(rank))`` on a queue."""
+    q.put((rank, f(rank)))
+
+
+def torch_worker(rank: int, q: Any) -> None:
+    """The W5 target for ``torch.multiprocessing.start_processes`` (called as fn(rank, q))."""
+    q.put((rank, f(rank)))
+
+
+# --------------------------------------------------------------------------- W2: ping-pong
+
+
+def echo(x: Any) -> Any:
+    """anyio.to_process.run_sync target: one call per round trip."""
+    return x
+
+
+def conn_echo(conn: Any) -> None:
+    """Echo every message on a Connection (stdlib or aioshm) until ``None``."""
+    recv, send = conn.recv, conn.send
+    while True:
+        msg = recv()
+        if msg is None:
+            break
+        send(msg)
+    conn.close()
+
+
+def queue_echo(inq: Any, outq: Any) -> None:
+    """Echo every item from ``inq`` onto ``outq`` until ``None``."""
+    get, put = inq.get, outq.put
+    while True:
+        item = get()
+        if item is None:
+            break
+        put(item)
+
+
+def fd_echo(sock: Any) -> None:
+    """Echo raw bytes on a socket with os.read/os.write until EOF (the W2 floor's child)."""
+    fd = sock.fileno()
+    read, write = os.read, os.write
+    while True:
+        data = read(fd, 4096)
+        if not data:
+            break
+        write(fd, data)
+    sock.close()
+
+
+# --------------------------------------------------------------------------- W4: 64 MiB trips
+
+
+def touch(a: np.ndarray) -> float:
+    """Read one float32 per 4 KiB page."""
+    return float(a.reshape(-1)[::1024].sum())
+
+
+def touch_child(inq: Any, outq: Any) -> None:
+    """Reply to every array with its page-touch sum until ``None``.
+
+    Like a plain ``while True: a = q.get()`` loop, it holds the last array until the next one
+    arrives.
+    """
+    item: Any = None
+    while True:
+        item = inq.get()
+        if item is None:
+            break
+        outq.put(touch(item))
+    item = None
