@@ -109,6 +109,7 @@ class Connection(_mp_connection.Connection):
         sock = self._sock
         if sock is None:
             sock = self._sock = socket.socket(fileno=self.fileno())
+            sock.settimeout(None)  # blocking, whatever socket.setdefaulttimeout() says
         return sock
 
     def _close(self, _close: Any = os.close) -> None:
@@ -256,7 +257,9 @@ class Connection(_mp_connection.Connection):
         _close_all(fds)
         if maxsize is not None and len(frame) > maxsize:
             return None
-        return io.BytesIO(frame)
+        buf = io.BytesIO(frame)
+        buf.seek(0, io.SEEK_END)  # like the stdlib's: recv_bytes_into reads the size from tell()
+        return buf
 
     def _poll(self, timeout: float | None) -> bool:
         decoder = self._decoder
@@ -317,6 +320,7 @@ def Pipe(duplex: bool = True) -> tuple[Connection, Connection]:
     """
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     for s in (a, b):
+        s.settimeout(None)  # like the stdlib's: socket.setdefaulttimeout() does not apply
         s.set_inheritable(False)
     if duplex:
         return Connection(a.detach()), Connection(b.detach())
