@@ -22,6 +22,7 @@ from ._exceptions import (
     AioshmError,
     FdLimitError,
     InvalidHandle,
+    PoolClosed,
     ProcessException,
     ProcessExitedException,
     ProcessRaisedException,
@@ -30,6 +31,7 @@ from ._exceptions import (
     RemoteTraceback,
     SharedMemoryError,
     SharedMemoryFull,
+    TaskCancelled,
 )
 from ._queues import JoinableQueue, Queue, SimpleQueue
 from ._reduction import get_share_threshold, set_share_threshold
@@ -56,16 +58,21 @@ __all__ = (
     "DEFAULT_START_METHOD",
     "AioshmError",
     "AsyncProcessContext",
+    "AsyncResult",
     "Connection",
     "FdLimitError",
     "InvalidHandle",
     "JoinableQueue",
     "Pipe",
+    "Pool",
+    "PoolClosed",
+    "PoolStatistics",
     "Process",
     "ProcessContext",
     "ProcessException",
     "ProcessExitedException",
     "ProcessRaisedException",
+    "ProgressEvent",
     "ProtocolError",
     "Queue",
     "QueueShutDown",
@@ -73,7 +80,9 @@ __all__ = (
     "SharedMemoryError",
     "SharedMemoryFull",
     "SimpleQueue",
+    "TaskCancelled",
     "cleanup_orphans",
+    "current_default_pool",
     "empty",
     "empty_like",
     "full",
@@ -85,6 +94,7 @@ __all__ = (
     "is_shared",
     "ones",
     "ones_like",
+    "run_sync",
     "set_pool_limit",
     "set_share_threshold",
     "set_sharing_strategy",
@@ -104,6 +114,14 @@ _LAZY = {
     "spawn": "spawn",
     "start_processes": "start_processes",
 }
+_LAZY_POOL = {
+    "AsyncResult": "AsyncResult",
+    "Pool": "Pool",
+    "PoolStatistics": "PoolStatistics",
+    "ProgressEvent": "ProgressEvent",
+    "run_sync": "run_sync",
+    "current_default_pool": "current_default_pool",
+}
 
 
 def __getattr__(name: str) -> Any:
@@ -111,6 +129,12 @@ def __getattr__(name: str) -> Any:
         from . import _group
 
         value = getattr(_group, _LAZY[name])
+        globals()[name] = value
+        return value
+    if name in _LAZY_POOL:
+        from . import _apool
+
+        value = getattr(_apool, _LAZY_POOL[name])
         globals()[name] = value
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

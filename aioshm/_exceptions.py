@@ -9,6 +9,8 @@
     │   └── InvalidHandle(ValueError)            a received handle is malformed or does not fit its segment
     ├── ProtocolError                            a peer sent a frame that breaks the wire protocol
     ├── QueueShutDown                            the queue was shut down (raised in every waiter)
+    ├── PoolClosed(ValueError)                   work was pending in a pool that was terminated
+    ├── TaskCancelled                            a pool task was killed because its await was cancelled
     └── ProcessException                         torch's: a child process failed (error_index, pid)
         ├── ProcessRaisedException               the child raised; the remote traceback is in the message
         └── ProcessExitedException               the child exited without a result (exit_code, signal_name)
@@ -29,6 +31,7 @@ __all__ = (
     "AioshmError",
     "FdLimitError",
     "InvalidHandle",
+    "PoolClosed",
     "ProcessException",
     "ProcessExitedException",
     "ProcessRaisedException",
@@ -37,6 +40,7 @@ __all__ = (
     "RemoteTraceback",
     "SharedMemoryError",
     "SharedMemoryFull",
+    "TaskCancelled",
     "signal_name_of",
 )
 
@@ -98,6 +102,17 @@ class ProtocolError(AioshmError):
 
 class QueueShutDown(AioshmError):
     """The queue was shut down: raised in every task waiting on it and in later calls."""
+
+
+class PoolClosed(AioshmError, ValueError):
+    """A pool was terminated (or its event loop ended) while this task was still pending."""
+
+
+class TaskCancelled(AioshmError):
+    """A ``cancellable=True`` pool task was stopped because the task awaiting it was cancelled.
+
+    Only other holders of the same ``AsyncResult`` see it; the cancelled task itself gets
+    its cancellation."""
 
 
 class RemoteTraceback(Exception):

@@ -1,0 +1,1111 @@
+"""``aioshm.Pool`` and ``aioshm.run_sync``: a worker pool with both faces and no helper threads.
+
+The whole stdlib ``multiprocessing.Pool`` API with its blocking semantics, plus: awaitable
+``AsyncResult`` (``await pool.apply_async(f, args)``, ``await pool.map_async(f, xs)``),
+``async for`` over ``imap``/``imap_unordered`` (lazy, with a bound on tasks in flight),
+``async with Pool(...)``, per-task kill on cancellation, ``statistics()`` and progress events.
+
+How it works::
+
+    submit ──► pending deque ──► dispatch (≤ DEPTH tasks in flight per worker)
+                                     │ one SOCK_SEQPACKET record per task (never torn, never
+                                     │ blocks the loop; big payloads spill to memfds)
+                                     ▼
+                               worker process (aioshm._poolworker, blocking loop)
+                                     │ one record per result
+                                     ▼
+    AsyncResult ◄── _step(): read results, reap dead workers, replace them, dispatch
+
+``_step()`` never blocks. Whoever waits drives it: a blocking call (``get``, ``wait``, ``map``,
+``join``…) polls the workers' fds in its own thread; an awaiting task that holds the pump lock
+waits on one epoll fd covering every result channel, sentinel and the wake-up pipe, while
+other awaiting tasks queue on the lock. So the async face runs no thread at all, and
+callbacks run in whichever thread or task drives the pool.
+
+Failures: a worker that dies fails only the task it was running (the oldest one it was sent;
+it runs them in order) with :class:`~aioshm.ProcessExitedException`; tasks queued behind it are
+sent elsewhere, and a replacement starts. A task's exception comes back as its original type
+with the remote traceback as ``__cause__``; an unpicklable argument or result fails that task
+alone.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import math
+import multiprocessing
+import os
+import select
+import threading
+import time
+from collections.abc import Callable, Generator, Iterable, Iterator
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Final, Self
+
+import anyio
+import anyio.lowlevel
+
+from . import _reduction
+from ._connection import RecordChannel, record_pair
+from ._context import DEFAULT_START_METHOD
+from ._exceptions import (
+    PoolClosed,
+    ProcessExitedException,
+    ProcessRaisedException,
+    RemoteTraceback,
+    TaskCancelled,
+    signal_name_of,
+)
+from ._poolworker import worker_main
+from ._shm import _segment
+
+__all__ = ("AsyncResult", "IMapIterator", "Pool", "PoolStatistics", "ProgressEvent", "run_sync")
+
+#: Tasks sent ahead to one worker (the first runs, the rest wait in its channel).
+DEPTH: Final = 2
+#: Seconds a ``run_sync`` worker may stay idle before it is retired (anyio's value).
+WORKER_MAX_IDLE_TIME: Final = 300.0
+GRACE_PERIOD: Final = 2.0
+
+_IN, _OUT = select.POLLIN, select.POLLOUT
+_job_ids = itertools.count()
+
+
+@dataclass(frozen=True)
+class PoolStatistics:
+    """A snapshot of a pool (``Pool.statistics()``)."""
+
+    idle_workers: int
+    busy_workers: int
+    tasks_pending: int
+    tasks_running: int
+    tasks_done: int
+    workers_replaced: int
+    live_segments: int
+    live_segment_bytes: int
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    """Progress of a ``map``: ``done`` of ``total`` items finished."""
+
+    done: int
+    total: int
+
+
+# --------------------------------------------------------------------------- results
+
+
+class AsyncResult:
+    """The stdlib's ``AsyncResult`` (``get``, ``wait``, ``ready``, ``successful``), awaitable."""
+
+    def __init__(
+        self,
+        pool: Pool,
+        callback: Callable[[Any], object] | None = None,
+        error_callback: Callable[[BaseException], object] | None = None,
+    ) -> None:
+        self._pool = pool
+        self._callback = callback
+        self._error_callback = error_callback
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self._ready = False
+        self._jobs: set[_Job] = set()
+
+    def ready(self) -> bool:
+        return self._ready
+
+    def successful(self) -> bool:
+        if not self._ready:
+            raise ValueError(f"{self!r} not ready")
+        return self._error is None
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until the result is ready or ``timeout`` passes (driving the pool)."""
+        self._pool._drive_until(self.ready, timeout)
+
+    def get(self, timeout: float | None = None) -> Any:
+        """Block for the value; re-raise the task's exception. ``multiprocessing.TimeoutError``."""
+        self.wait(timeout)
+        if not self._ready:
+            raise multiprocessing.TimeoutError
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+    def _finish(self, value: Any = None, error: BaseException | None = None) -> None:
+        if self._ready:
+            return
+        self._value, self._error, self._ready = value, error, True
+        for job in list(self._jobs):
+            self._pool._forget(job)
+        self._jobs.clear()
+        if error is None and self._callback is not None:
+            self._callback(value)
+        elif error is not None and self._error_callback is not None:
+            self._error_callback(error)
+
+    def _job_done(self, job: _Job, value: Any, error: BaseException | None) -> None:
+        self._jobs.discard(job)
+        self._finish(value, error)
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        return self._await().__await__()
+
+    async def _await(self) -> Any:
+        try:
+            await self._pool._drive_until_async(self.ready)
+        except BaseException:
+            if not self._ready:
+                await self._pool._abandon(self)
+            raise
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+class MapResult(AsyncResult):
+    """The result of ``map_async``/``starmap_async``: one job per chunk."""
+
+    def __init__(
+        self,
+        pool: Pool,
+        nchunks: int,
+        total: int,
+        callback: Callable[[Any], object] | None,
+        error_callback: Callable[[BaseException], object] | None,
+        on_progress: Callable[[ProgressEvent], object] | None,
+    ) -> None:
+        super().__init__(pool, callback, error_callback)
+        self._chunks: list[list[Any] | None] = [None] * nchunks
+        self._left = nchunks
+        self._total = total
+        self._done_items = 0
+        self._on_progress = on_progress
+        self._progress: collections.deque[ProgressEvent] = collections.deque()
+        if nchunks == 0:
+            self._finish([])
+
+    def _job_done(self, job: _Job, value: Any, error: BaseException | None) -> None:
+        self._jobs.discard(job)
+        if self._ready:
+            return
+        if error is not None:
+            self._finish(None, error)  # the stdlib fails the whole map on the first error
+            return
+        assert job.index is not None
+        self._chunks[job.index] = value
+        self._left -= 1
+        self._done_items += len(value)
+        event = ProgressEvent(self._done_items, self._total)
+        self._progress.append(event)
+        if self._on_progress is not None:
+            self._on_progress(event)
+        if self._left == 0:
+            self._finish([x for chunk in self._chunks for x in chunk or ()])
+
+    async def progress(self) -> Any:
+        """``async for event in result.progress()``: a :class:`ProgressEvent` per chunk done."""
+        seen = 0
+        while True:
+            await self._pool._drive_until_async(lambda: self._ready or bool(self._progress))
+            while self._progress:
+                event = self._progress.popleft()
+                seen = event.done
+                yield event
+            if self._ready:
+                if seen < self._total and self._error is None:
+                    yield ProgressEvent(self._total, self._total)
+                return
+
+
+class IMapIterator:
+    """``imap``/``imap_unordered``: a lazy iterator, sync (``next``) and async (``async for``).
+
+    At most ``max_inflight`` chunks are submitted ahead of what was consumed, so an endless
+    iterable works and memory stays bounded.
+    """
+
+    def __init__(
+        self,
+        pool: Pool,
+        fn: Callable[..., Any],
+        iterable: Iterable[Any],
+        chunksize: int,
+        ordered: bool,
+        star: bool,
+        max_inflight: int,
+    ) -> None:
+        self._pool = pool
+        self._fn = fn
+        self._source = _chunks(iterable, chunksize)
+        self._ordered = ordered
+        self._star = star
+        self._max_inflight = max(1, max_inflight)
+        self._next_index = 0
+        self._submitted = 0
+        self._inflight: dict[int, AsyncResult] = {}
+        self._done: dict[int, AsyncResult] = {}
+        self._buffer: collections.deque[Any] = collections.deque()
+        self._exhausted = False
+
+    def _fill(self) -> None:
+        while not self._exhausted and len(self._inflight) + len(self._done) < self._max_inflight:
+            try:
+                chunk = next(self._source)
+            except StopIteration:
+                self._exhausted = True
+                return
+            index = self._submitted
+            self._submitted += 1
+            result = AsyncResult(self._pool)
+            self._inflight[index] = result
+            self._pool._submit(_run_chunk, (self._fn, chunk, self._star), {}, result, None)
+
+    def _collect(self) -> bool:
+        """Move finished chunks to the buffer; True if something is ready to yield."""
+        for index, result in list(self._inflight.items()):
+            if result.ready():
+                del self._inflight[index]
+                self._done[index] = result
+        if self._ordered:
+            while self._next_index in self._done:
+                self._emit(self._done.pop(self._next_index))
+                self._next_index += 1
+        else:
+            for index in list(self._done):
+                self._emit(self._done.pop(index))
+        return bool(self._buffer)
+
+    def _emit(self, result: AsyncResult) -> None:
+        if result._error is not None:
+            self._buffer.append(_Raise(result._error))
+        else:
+            self._buffer.extend(result._value)
+
+    def _finished(self) -> bool:
+        return self._exhausted and not self._inflight and not self._done
+
+    def _pop(self) -> Any:
+        item = self._buffer.popleft()
+        if isinstance(item, _Raise):
+            raise item.error
+        return item
+
+    def __iter__(self) -> Iterator[Any]:
+        return self
+
+    def __next__(self) -> Any:
+        return self.next()
+
+    def next(self, timeout: float | None = None) -> Any:
+        self._fill()
+        if not self._collect():
+            if self._finished():
+                raise StopIteration
+            self._pool._drive_until(lambda: self._collect() or self._finished(), timeout)
+            if not self._buffer:
+                if self._finished():
+                    raise StopIteration
+                raise multiprocessing.TimeoutError
+        value = self._pop()
+        self._fill()
+        return value
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> Any:
+        self._fill()
+        if not self._collect():
+            if self._finished():
+                raise StopAsyncIteration
+            await self._pool._drive_until_async(lambda: self._collect() or self._finished())
+            if not self._buffer:
+                raise StopAsyncIteration
+        value = self._pop()
+        self._fill()
+        await anyio.lowlevel.checkpoint()
+        return value
+
+
+@dataclass
+class _Raise:
+    error: BaseException
+
+
+def _run_chunk(fn: Callable[..., Any], chunk: list[Any], star: bool) -> list[Any]:
+    if star:
+        return [fn(*args) for args in chunk]
+    return [fn(x) for x in chunk]
+
+
+def _chunks(iterable: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    it = iter(iterable)
+    while True:
+        chunk = list(itertools.islice(it, size))
+        if not chunk:
+            return
+        yield chunk
+
+
+# --------------------------------------------------------------------------- workers and jobs
+
+
+class _Job:
+    __slots__ = ("args", "cancellable", "fn", "id", "index", "kwds", "result", "worker")
+
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwds: dict[str, Any],
+        result: AsyncResult,
+        index: int | None,
+        cancellable: bool,
+    ) -> None:
+        self.id = next(_job_ids)
+        self.fn, self.args, self.kwds = fn, args, kwds
+        self.result = result
+        self.index = index
+        self.cancellable = cancellable
+        self.worker: _Worker | None = None
+
+
+class _Worker:
+    __slots__ = ("budget", "idle_since", "inflight", "proc", "results", "tasks")
+
+    def __init__(self, proc: Any, tasks: RecordChannel, results: RecordChannel, budget: int | None):
+        self.proc = proc
+        self.tasks = tasks
+        self.results = results
+        self.inflight: collections.deque[_Job] = collections.deque()
+        self.budget = budget  # tasks it may still be sent (maxtasksperchild)
+        self.idle_since = time.monotonic()
+
+    def close_channels(self) -> None:
+        self.tasks.close()
+        self.results.close()
+
+
+# --------------------------------------------------------------------------- the pool
+
+
+class Pool:
+    """A process pool: the stdlib ``multiprocessing.Pool`` API, awaitable, without threads.
+
+    :param processes: number of workers (default ``os.cpu_count()``).
+    :param initializer: called as ``initializer(*initargs)`` in every worker at start.
+    :param maxtasksperchild: a worker is replaced after this many tasks.
+    :param context: a start-method context or name (default: forkserver on Linux).
+    """
+
+    def __init__(
+        self,
+        processes: int | None = None,
+        initializer: Callable[..., object] | None = None,
+        initargs: Iterable[Any] = (),
+        maxtasksperchild: int | None = None,
+        context: Any = None,
+        *,
+        _lazy: bool = False,
+    ) -> None:
+        if processes is None:
+            processes = os.cpu_count() or 1
+        if processes < 1:
+            raise ValueError("Number of processes must be at least 1")
+        if maxtasksperchild is not None and (
+            not isinstance(maxtasksperchild, int) or maxtasksperchild <= 0
+        ):
+            raise ValueError("maxtasksperchild must be a positive int or None")
+        if initializer is not None and not callable(initializer):
+            raise TypeError("initializer must be a callable")
+        if context is None or isinstance(context, str):
+            context = multiprocessing.get_context(context or DEFAULT_START_METHOD)
+        self._ctx = context
+        self._processes = processes
+        self._initializer = initializer
+        self._initargs = tuple(initargs)
+        self._maxtasks = maxtasksperchild
+        self._workers: list[_Worker] = []
+        self._pending: collections.deque[_Job] = collections.deque()
+        self._jobs: dict[int, _Job] = {}
+        self._state = "RUN"
+        self._mutex = threading.RLock()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._generation = 0
+        self._tasks_done = 0
+        self._replaced = 0
+        self._pump_lock: Any = None
+        self._waiter: Any = None
+        self._waiter_generation = -1
+        self._lazy = _lazy  # run_sync's pool starts workers on demand
+        self._guard: Any = None
+        try:
+            self._repopulate()
+        except BaseException:
+            self._kill_all()
+            raise
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} state={self._state} pool_size={self._processes}>"
+
+    def __reduce__(self) -> Any:
+        raise NotImplementedError("pool objects cannot be passed between processes or pickled")
+
+    # -- workers ----------------------------------------------------------------------------
+    def _start_worker(self) -> None:
+        task_r, task_w = record_pair()
+        res_r, res_w = record_pair()
+        proc = self._ctx.Process(
+            target=worker_main,
+            args=(task_r, res_w, self._initializer, self._initargs, self._maxtasks),
+            daemon=True,
+        )
+        proc.name = proc.name.replace("Process", "PoolWorker")
+        try:
+            proc.start()
+        except BaseException:
+            for ch in (task_r, task_w, res_r, res_w):
+                ch.close()
+            raise
+        finally:
+            _reduction.release_spawn_fds(getattr(proc, "_popen", None))
+        task_r.close()
+        res_w.close()
+        self._workers.append(_Worker(proc, task_w, res_r, self._maxtasks))
+        self._generation += 1
+
+    def _repopulate(self) -> None:
+        if self._state != "RUN" or self._lazy:
+            return
+        while len(self._workers) < self._processes:
+            self._start_worker()
+
+    def _remove_worker(self, worker: _Worker) -> None:
+        self._workers.remove(worker)
+        worker.close_channels()
+        self._generation += 1
+
+    # -- submitting ---------------------------------------------------------------------------
+    def _check_running(self) -> None:
+        if self._state != "RUN":
+            raise ValueError("Pool not running")
+
+    def _submit(
+        self,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwds: dict[str, Any],
+        result: AsyncResult,
+        index: int | None,
+        cancellable: bool = False,
+    ) -> None:
+        job = _Job(fn, args, kwds, result, index, cancellable)
+        with self._mutex:
+            self._jobs[job.id] = job
+            result._jobs.add(job)
+            self._pending.append(job)
+            self._step()
+        self._wake()
+
+    def _forget(self, job: _Job) -> None:
+        self._jobs.pop(job.id, None)
+        try:
+            self._pending.remove(job)
+        except ValueError:
+            pass
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"\0")
+        except (BlockingIOError, OSError):
+            pass
+
+    # -- the pump -----------------------------------------------------------------------------
+    def _step(self) -> None:
+        """Read results, reap dead workers (failing their running task), refill, dispatch."""
+        with self._mutex:
+            try:
+                while os.read(self._wake_r, 512):
+                    pass
+            except (BlockingIOError, OSError):
+                pass
+            for worker in list(self._workers):
+                self._read_results(worker)
+            for worker in list(self._workers):
+                if not worker.proc.is_alive():
+                    self._worker_died(worker)
+            if self._state == "RUN":
+                if self._lazy:
+                    busy = sum(1 for w in self._workers if w.inflight)
+                    want = min(self._processes, busy + len(self._pending))
+                    while len(self._workers) < want:
+                        self._start_worker()
+                else:
+                    self._repopulate()
+            self._dispatch()
+            if self._state == "CLOSE" and not self._pending:
+                for worker in list(self._workers):
+                    if not worker.inflight and not worker.tasks.closed:
+                        self._send_exit(worker)
+
+    def _read_results(self, worker: _Worker) -> None:
+        while not worker.results.closed:
+            try:
+                got = worker.results.try_recv_record()
+            except EOFError:
+                return
+            if got is None:
+                return
+            try:
+                msg = worker.results.decode(*got)
+            except Exception as exc:
+                job = worker.inflight.popleft() if worker.inflight else None
+                if job is not None:
+                    self._complete(job, None, exc)
+                continue
+            self._handle(worker, msg)
+
+    def _handle(self, worker: _Worker, msg: Any) -> None:
+        kind = msg[0]
+        job = worker.inflight.popleft() if worker.inflight else None
+        worker.idle_since = time.monotonic()
+        if job is None:
+            return
+        if kind == "ok":
+            self._complete(job, msg[2], None)
+        else:
+            _, _, original, type_name, tb_text = msg
+            self._complete(job, None, _remote_error(original, type_name, tb_text))
+
+    def _complete(self, job: _Job, value: Any, error: BaseException | None) -> None:
+        self._tasks_done += 1
+        self._jobs.pop(job.id, None)
+        job.worker = None
+        job.fn = job.args = job.kwds = None  # type: ignore[assignment]
+        job.result._job_done(job, value, error)
+
+    def _worker_died(self, worker: _Worker) -> None:
+        self._read_results(worker)  # what it sent before dying is still there
+        worker.proc.join()  # not alive any more: returns at once
+        exitcode = worker.proc.exitcode
+        if worker.inflight:
+            running = worker.inflight.popleft()
+            name = signal_name_of(exitcode) if exitcode is not None else None
+            what = f"signal {name}" if name else f"exit code {exitcode}"
+            error = ProcessExitedException(
+                f"pool worker {worker.proc.name} (pid {worker.proc.pid}) terminated with {what} "
+                "while running this task",
+                0,
+                worker.proc.pid or -1,
+                exitcode if exitcode is not None else -1,
+                name,
+            )
+            self._complete(running, None, error)
+            # tasks queued behind it never started: send them elsewhere
+            for job in reversed(worker.inflight):
+                job.worker = None
+                self._pending.appendleft(job)
+            worker.inflight.clear()
+            self._replaced += 1
+        elif exitcode not in (0, None) and self._state == "RUN":
+            self._replaced += 1
+        self._remove_worker(worker)
+        _close_popen(worker.proc)
+
+    def _dispatch(self) -> None:
+        if not self._pending:
+            return
+        for worker in self._workers:
+            while self._pending and len(worker.inflight) < DEPTH and worker.budget != 0:
+                if worker.tasks.closed:
+                    break
+                job = self._pending[0]
+                try:
+                    record, fds, owned = worker.tasks.encode((job.id, job.fn, job.args, job.kwds))
+                except Exception as exc:  # the task cannot be pickled: it fails alone
+                    self._pending.popleft()
+                    self._complete(job, None, exc)
+                    continue
+                try:
+                    sent = worker.tasks.try_send_record(record, fds)
+                except OSError:
+                    sent = False
+                finally:
+                    _reduction.close_owned(fds, owned)
+                if not sent:
+                    break
+                self._pending.popleft()
+                job.worker = worker
+                worker.inflight.append(job)
+                if worker.budget is not None:
+                    worker.budget -= 1
+
+    def _send_exit(self, worker: _Worker) -> None:
+        try:
+            worker.tasks.try_send_record(_reduction.dumps(None)[0], [])
+        except OSError:
+            pass
+        worker.tasks.close()
+
+    def _wait_fds(self) -> list[tuple[int, int]]:
+        fds = [(self._wake_r, _IN)]
+        for worker in self._workers:
+            if not worker.results.closed:
+                fds.append((worker.results.fileno(), _IN))
+            fds.append((worker.proc.sentinel, _IN))
+            if self._pending and not worker.tasks.closed and len(worker.inflight) < DEPTH:
+                fds.append((worker.tasks.fileno(), _OUT))
+        return fds
+
+    # -- driving: blocking face ---------------------------------------------------------------
+    def _drive_until(self, done: Callable[[], bool], timeout: float | None) -> None:
+        deadline = math.inf if timeout is None else time.monotonic() + timeout
+        while True:
+            self._step()
+            if done():
+                return
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            poller = select.poll()
+            with self._mutex:
+                fds = self._wait_fds()
+            for fd, events in fds:
+                poller.register(fd, events)
+            poller.poll(None if remaining == math.inf else max(1, int(remaining * 1000)))
+
+    # -- driving: async face ------------------------------------------------------------------
+    async def _drive_until_async(self, done: Callable[[], bool]) -> None:
+        from ._transport._waits import MultiWait
+
+        if self._pump_lock is None:
+            self._pump_lock = anyio.Lock(fast_acquire=True)
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        self._step()
+        if done():
+            await anyio.lowlevel.cancel_shielded_checkpoint()
+            return
+        async with self._pump_lock:  # one task drives; the others queue here
+            while True:
+                self._step()
+                if done():
+                    return
+                with self._mutex:
+                    if self._waiter is None or self._waiter_generation != self._generation:
+                        if self._waiter is not None:
+                            self._waiter.close()
+                        self._waiter = MultiWait(self._wait_fds())
+                        self._waiter_generation = self._generation
+                    waiter = self._waiter
+                await waiter.wait()
+
+    async def _abandon(self, result: AsyncResult) -> None:
+        """The awaiting task was cancelled before ``result`` was ready."""
+        jobs = list(result._jobs)
+        kill = [job for job in jobs if job.cancellable]
+        with self._mutex:
+            for job in jobs:
+                if job.worker is None:  # not sent yet: just drop it
+                    self._forget(job)
+                    result._jobs.discard(job)
+        if not kill:
+            return  # not cancellable: it runs on, and its result is discarded
+        workers = {job.worker for job in kill if job.worker is not None}
+        with anyio.CancelScope(shield=True):
+            from ._transport._proc import stop_async
+
+            await stop_async([w.proc for w in workers], GRACE_PERIOD)
+            with self._mutex:
+                for worker in workers:
+                    if worker in self._workers:
+                        for job in list(worker.inflight):
+                            if job in kill:
+                                worker.inflight.remove(job)
+                                self._jobs.pop(job.id, None)
+                        self._worker_died(worker)
+                self._step()
+        result._finish(
+            None, TaskCancelled("the awaiting task was cancelled; the worker was stopped")
+        )
+
+    # -- the stdlib API -------------------------------------------------------------------------
+    def apply_async(
+        self,
+        func: Callable[..., Any],
+        args: Iterable[Any] = (),
+        kwds: dict[str, Any] | None = None,
+        callback: Callable[[Any], object] | None = None,
+        error_callback: Callable[[BaseException], object] | None = None,
+        *,
+        cancellable: bool = False,
+    ) -> AsyncResult:
+        """Submit ``func(*args, **kwds)``; ``await`` the result or call ``.get()``.
+
+        :param cancellable: if True, cancelling the task that awaits the result kills the
+            worker running it (terminate, grace period, kill), which is then replaced.
+            Otherwise cancelling the await leaves the task running and drops its result.
+        """
+        self._check_running()
+        result = AsyncResult(self, callback, error_callback)
+        self._submit(func, tuple(args), dict(kwds or {}), result, None, cancellable)
+        return result
+
+    def apply(
+        self, func: Callable[..., Any], args: Iterable[Any] = (), kwds: dict[str, Any] | None = None
+    ) -> Any:
+        """Blocking ``func(*args, **kwds)`` in a worker."""
+        return self.apply_async(func, args, kwds).get()
+
+    def _map_async(
+        self,
+        func: Callable[..., Any],
+        iterable: Iterable[Any],
+        chunksize: int | None,
+        callback: Callable[[Any], object] | None,
+        error_callback: Callable[[BaseException], object] | None,
+        star: bool,
+        on_progress: Callable[[ProgressEvent], object] | None,
+    ) -> MapResult:
+        self._check_running()
+        items = list(iterable)
+        if chunksize is None:
+            chunksize, extra = divmod(len(items), self._processes * 4)
+            if extra:
+                chunksize += 1
+        chunksize = max(1, chunksize)
+        chunks = [items[i : i + chunksize] for i in range(0, len(items), chunksize)]
+        result = MapResult(self, len(chunks), len(items), callback, error_callback, on_progress)
+        for index, chunk in enumerate(chunks):
+            self._submit(_run_chunk, (func, chunk, star), {}, result, index)
+        return result
+
+    def map_async(
+        self,
+        func: Callable[..., Any],
+        iterable: Iterable[Any],
+        chunksize: int | None = None,
+        callback: Callable[[Any], object] | None = None,
+        error_callback: Callable[[BaseException], object] | None = None,
+        *,
+        on_progress: Callable[[ProgressEvent], object] | None = None,
+    ) -> MapResult:
+        """``map`` that returns an awaitable :class:`MapResult` (with ``progress()`` events)."""
+        return self._map_async(
+            func, iterable, chunksize, callback, error_callback, False, on_progress
+        )
+
+    def starmap_async(
+        self,
+        func: Callable[..., Any],
+        iterable: Iterable[Iterable[Any]],
+        chunksize: int | None = None,
+        callback: Callable[[Any], object] | None = None,
+        error_callback: Callable[[BaseException], object] | None = None,
+        *,
+        on_progress: Callable[[ProgressEvent], object] | None = None,
+    ) -> MapResult:
+        """``starmap`` that returns an awaitable :class:`MapResult`."""
+        return self._map_async(
+            func, iterable, chunksize, callback, error_callback, True, on_progress
+        )
+
+    def map(
+        self, func: Callable[..., Any], iterable: Iterable[Any], chunksize: int | None = None
+    ) -> list[Any]:
+        """Blocking ``[func(x) for x in iterable]`` across the workers."""
+        return self.map_async(func, iterable, chunksize).get()  # type: ignore[no-any-return]
+
+    def starmap(
+        self,
+        func: Callable[..., Any],
+        iterable: Iterable[Iterable[Any]],
+        chunksize: int | None = None,
+    ) -> list[Any]:
+        """Blocking ``[func(*args) for args in iterable]`` across the workers."""
+        return self.starmap_async(func, iterable, chunksize).get()  # type: ignore[no-any-return]
+
+    def imap(
+        self,
+        func: Callable[..., Any],
+        iterable: Iterable[Any],
+        chunksize: int = 1,
+        *,
+        max_inflight: int | None = None,
+    ) -> IMapIterator:
+        """Lazy ordered results; ``for``/``async for``; at most ``max_inflight`` chunks ahead."""
+        self._check_running()
+        return IMapIterator(
+            self,
+            func,
+            iterable,
+            chunksize,
+            True,
+            False,
+            max_inflight or 2 * DEPTH * self._processes,
+        )
+
+    def imap_unordered(
+        self,
+        func: Callable[..., Any],
+        iterable: Iterable[Any],
+        chunksize: int = 1,
+        *,
+        max_inflight: int | None = None,
+    ) -> IMapIterator:
+        """Like :meth:`imap`, in completion order."""
+        self._check_running()
+        return IMapIterator(
+            self,
+            func,
+            iterable,
+            chunksize,
+            False,
+            False,
+            max_inflight or 2 * DEPTH * self._processes,
+        )
+
+    def close(self) -> None:
+        """Accept no more work; workers exit once the submitted work is done."""
+        with self._mutex:
+            if self._state == "RUN":
+                self._state = "CLOSE"
+            self._step()
+        self._wake()
+
+    def terminate(self) -> None:
+        """Stop the workers now; pending and running tasks fail with ``PoolClosed``."""
+        with self._mutex:
+            self._state = "TERMINATE"
+            self._fail_all("the pool was terminated")
+            for worker in self._workers:
+                if worker.proc.is_alive():
+                    worker.proc.terminate()
+        self._wake()
+        self._drive_until(lambda: not self._workers, GRACE_PERIOD)
+        self._kill_all()
+
+    def join(self) -> None:
+        """Block until every worker exited (after :meth:`close` or :meth:`terminate`)."""
+        if self._state == "RUN":
+            raise ValueError("Pool is still running")
+        self._drive_until(lambda: not self._workers, None)
+        self._release()
+
+    async def join_async(self) -> None:
+        """Awaitable :meth:`join`."""
+        if self._state == "RUN":
+            raise ValueError("Pool is still running")
+        await self._drive_until_async(lambda: not self._workers)
+        self._release()
+
+    async def terminate_async(self) -> None:
+        """Awaitable :meth:`terminate` (terminate, grace period, kill, reap)."""
+        from ._transport._proc import stop_async
+
+        with self._mutex:
+            self._state = "TERMINATE"
+            self._fail_all("the pool was terminated")
+            procs = [w.proc for w in self._workers]
+        with anyio.CancelScope(shield=True):
+            await stop_async(procs, GRACE_PERIOD)
+        with self._mutex:
+            for worker in list(self._workers):
+                self._worker_died(worker)
+        self._release()
+
+    def _fail_all(self, why: str) -> None:
+        jobs = list(self._jobs.values())
+        self._pending.clear()
+        for worker in self._workers:
+            worker.inflight.clear()
+        for job in jobs:
+            self._complete(job, None, PoolClosed(f"{why} before this task finished"))
+
+    def _shutdown_now(self) -> None:
+        with self._mutex:
+            self._state = "TERMINATE"
+            self._fail_all("the event loop ended")
+        self._kill_all()
+
+    def _kill_all(self) -> None:
+        for worker in list(self._workers):
+            if worker.proc.is_alive():
+                worker.proc.kill()
+            worker.proc.join()
+            self._remove_worker(worker)
+            _close_popen(worker.proc)
+        self._release()
+
+    def _release(self) -> None:
+        if self._waiter is not None:
+            self._waiter.close()
+            self._waiter = None
+        if self._wake_r >= 0 and not self._workers:
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            self._wake_r = self._wake_w = -1
+
+    def __enter__(self) -> Self:
+        self._check_running()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.terminate()  # the stdlib's context manager terminates
+
+    async def __aenter__(self) -> Self:
+        self._check_running()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Close and join without blocking the loop; terminate on error or cancellation."""
+        if exc_type is None:
+            self.close()
+            try:
+                await self.join_async()
+            except BaseException:
+                await self.terminate_async()
+                raise
+        else:
+            await self.terminate_async()
+
+    def statistics(self) -> PoolStatistics:
+        """Idle and busy workers, tasks pending/running/done, live shared segments and bytes."""
+        with self._mutex:
+            busy = sum(1 for w in self._workers if w.inflight)
+            segs = _segment.live_segments()
+            return PoolStatistics(
+                idle_workers=len(self._workers) - busy,
+                busy_workers=busy,
+                tasks_pending=len(self._pending),
+                tasks_running=busy,
+                tasks_done=self._tasks_done,
+                workers_replaced=self._replaced,
+                live_segments=len(segs),
+                live_segment_bytes=sum(s.size for s in segs),
+            )
+
+    def __del__(self) -> None:
+        if getattr(self, "_workers", None):
+            import warnings
+
+            warnings.warn(f"unclosed running pool {self!r}", ResourceWarning, stacklevel=2)
+            self._kill_all()
+
+
+def _close_popen(proc: Any) -> None:
+    popen = getattr(proc, "_popen", None)
+    close = getattr(popen, "close", None)
+    if popen is not None and getattr(popen, "returncode", None) is not None and callable(close):
+        close()
+
+
+def _remote_error(original: Any, type_name: str, tb_text: str) -> BaseException:
+    if isinstance(original, Exception):
+        original.__cause__ = RemoteTraceback(str(tb_text))
+        return original
+    error = ProcessRaisedException(
+        f"a pool task raised {type_name}:\n{tb_text}", 0, -1, str(type_name), str(tb_text)
+    )
+    error.__cause__ = RemoteTraceback(str(tb_text))
+    return error
+
+
+# --------------------------------------------------------------------------- run_sync
+
+_default_pool: anyio.lowlevel.RunVar[Pool] = anyio.lowlevel.RunVar("aioshm_default_pool")
+_default_limiter: anyio.lowlevel.RunVar[anyio.CapacityLimiter] = anyio.lowlevel.RunVar(
+    "aioshm_default_limiter"
+)
+
+
+def _kill_at_loop_end(pool: Pool) -> None:
+    """Stop ``pool``'s workers when the event loop ends (anyio.to_process does the same)."""
+    import sniffio
+
+    lib = sniffio.current_async_library()
+    if lib == "trio":
+        import trio
+
+        async def guard_trio() -> None:
+            try:
+                await trio.sleep_forever()
+            finally:
+                pool._shutdown_now()
+
+        trio.lowlevel.spawn_system_task(guard_trio)
+    else:
+        import asyncio
+
+        async def guard_asyncio() -> None:
+            try:
+                await asyncio.sleep(math.inf)
+            finally:
+                pool._shutdown_now()
+
+        # asyncio.run / anyio.run cancel the tasks left at the end of the loop
+        pool._guard = asyncio.get_running_loop().create_task(guard_asyncio())
+
+
+def current_default_pool() -> Pool:
+    """The pool ``run_sync`` uses in this event loop (made on first use)."""
+    try:
+        return _default_pool.get()
+    except LookupError:
+        pool = Pool(os.cpu_count() or 1, _lazy=True)
+        _default_pool.set(pool)
+        _kill_at_loop_end(pool)
+        return pool
+
+
+def current_default_limiter() -> anyio.CapacityLimiter:
+    """``run_sync``'s default capacity limiter: ``os.cpu_count()`` calls at once."""
+    try:
+        return _default_limiter.get()
+    except LookupError:
+        limiter = anyio.CapacityLimiter(os.cpu_count() or 1)
+        _default_limiter.set(limiter)
+        return limiter
+
+
+async def run_sync(
+    func: Callable[..., Any],
+    *args: Any,
+    cancellable: bool = False,
+    limiter: anyio.CapacityLimiter | None = None,
+) -> Any:
+    """Run ``func(*args)`` in a worker process of the loop's default pool and return its value.
+
+    ``anyio.to_process.run_sync`` semantics: at most ``limiter`` calls at once (default: CPU
+    count), workers reused and retired after 5 minutes idle, keyword arguments through
+    :func:`functools.partial`; arrays travel as shared-memory handles both ways. With
+    ``cancellable=False`` (the default) the call is shielded from cancellation until it
+    finishes; with ``True``, cancelling kills the worker running it.
+    """
+    pool = current_default_pool()
+    _retire_idle(pool)
+    async with limiter or current_default_limiter():
+        result = pool.apply_async(func, args, cancellable=cancellable)
+        if cancellable:
+            return await result
+        with anyio.CancelScope(shield=True):
+            return await result
+
+
+def _retire_idle(pool: Pool) -> None:
+    now = time.monotonic()
+    with pool._mutex:
+        for worker in list(pool._workers):
+            if not worker.inflight and now - worker.idle_since > WORKER_MAX_IDLE_TIME:
+                pool._send_exit(worker)
