@@ -59,10 +59,12 @@ __all__ = (
     "AioshmError",
     "AsyncProcessContext",
     "AsyncResult",
+    "Backend",
     "Connection",
     "FdLimitError",
     "InvalidHandle",
     "JoinableQueue",
+    "LocalBackend",
     "Pipe",
     "Pool",
     "PoolClosed",
@@ -76,6 +78,7 @@ __all__ = (
     "ProtocolError",
     "Queue",
     "QueueShutDown",
+    "RayBackend",
     "RemoteTraceback",
     "SharedMemoryError",
     "SharedMemoryFull",
@@ -92,6 +95,7 @@ __all__ = (
     "get_share_threshold",
     "get_sharing_strategy",
     "is_shared",
+    "local_backend",
     "ones",
     "ones_like",
     "run_sync",
@@ -114,6 +118,11 @@ _LAZY = {
     "spawn": "spawn",
     "start_processes": "start_processes",
 }
+_LAZY_BACKEND = {
+    "Backend": "Backend",
+    "LocalBackend": "LocalBackend",
+    "local_backend": "local_backend",
+}
 _LAZY_POOL = {
     "AsyncResult": "AsyncResult",
     "Pool": "Pool",
@@ -131,6 +140,17 @@ def __getattr__(name: str) -> Any:
         value = getattr(_group, _LAZY[name])
         globals()[name] = value
         return value
+    if name in _LAZY_BACKEND:
+        from . import _backend
+
+        value = getattr(_backend, _LAZY_BACKEND[name])
+        globals()[name] = value
+        return value
+    if name == "RayBackend":
+        from ._ray import RayBackend  # type: ignore[import-untyped,unused-ignore]
+
+        globals()[name] = RayBackend
+        return RayBackend
     if name in _LAZY_POOL:
         from . import _apool
 

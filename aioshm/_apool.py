@@ -403,6 +403,13 @@ class Pool:
     :param context: a start-method context or name (default: forkserver on Linux).
     """
 
+    def __new__(cls, *args: Any, backend: Any = None, **kwargs: Any) -> Any:
+        if backend is not None and getattr(backend, "name", "local") != "local":
+            kwargs.pop("context", None)
+            kwargs.pop("_lazy", None)
+            return backend.Pool(*args, **kwargs)  # another engine's pool, same face
+        return super().__new__(cls)
+
     def __init__(
         self,
         processes: int | None = None,
@@ -411,6 +418,7 @@ class Pool:
         maxtasksperchild: int | None = None,
         context: Any = None,
         *,
+        backend: Any = None,
         _lazy: bool = False,
     ) -> None:
         if processes is None:
@@ -1084,6 +1092,7 @@ async def run_sync(
     *args: Any,
     cancellable: bool = False,
     limiter: anyio.CapacityLimiter | None = None,
+    backend: Any = None,
 ) -> Any:
     """Run ``func(*args)`` in a worker process of the loop's default pool and return its value.
 
@@ -1091,8 +1100,11 @@ async def run_sync(
     count), workers reused and retired after 5 minutes idle, keyword arguments through
     :func:`functools.partial`; arrays travel as shared-memory handles both ways. With
     ``cancellable=False`` (the default) the call is shielded from cancellation until it
-    finishes; with ``True``, cancelling kills the worker running it.
+    finishes; with ``True``, cancelling kills the worker running it. ``backend`` runs the
+    call elsewhere (e.g. an :class:`aioshm.RayBackend`).
     """
+    if backend is not None and getattr(backend, "name", "local") != "local":
+        return await backend.run_sync(func, *args, cancellable=cancellable, limiter=limiter)
     pool = current_default_pool()
     _retire_idle(pool)
     async with limiter or current_default_limiter():

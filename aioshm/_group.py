@@ -197,6 +197,7 @@ def start_processes(
     *,
     daemon: bool = False,
     start_method: str | None = None,
+    backend: Any = None,
 ) -> AsyncProcessContext:
     """Start ``nprocs`` processes running ``fn(rank, *args)``; return the context at once.
 
@@ -204,6 +205,8 @@ def start_processes(
     :data:`DEFAULT_START_METHOD` (forkserver on Linux); ``fork`` only on request, with a
     warning when an event loop is running.
     """
+    if backend is not None and getattr(backend, "name", "local") != "local":
+        return backend.spawn(fn, args, nprocs, daemon=daemon, start_method=start_method)  # type: ignore[no-any-return]
     method = start_method or DEFAULT_START_METHOD
     _warn_fork_in_loop(method)
     return _spawn._start(fn, args, nprocs, daemon, method, AsyncProcessContext)  # type: ignore[return-value]
@@ -216,11 +219,15 @@ def spawn(
     *,
     daemon: bool = False,
     start_method: str | None = None,
+    backend: Any = None,
 ) -> AsyncProcessContext:
     """``await aioshm.spawn(fn, args, nprocs)`` → ``[fn(0, *args), fn(1, *args), …]``.
 
     Returns the :class:`AsyncProcessContext` at once (the processes are running); awaiting it
     gives the per-rank return values in rank order, or raises the first failure after the
-    other ranks were stopped.
+    other ranks were stopped. ``backend`` runs the ranks elsewhere (e.g. an
+    :class:`aioshm.RayBackend`); the default is local processes.
     """
-    return start_processes(fn, args, nprocs, daemon=daemon, start_method=start_method)
+    return start_processes(
+        fn, args, nprocs, daemon=daemon, start_method=start_method, backend=backend
+    )

@@ -96,9 +96,17 @@ def _close_fds(channels: list[RecordChannel], fds: list[int]) -> None:
 
 
 class Queue:
-    """A process-shared FIFO queue with the stdlib ``multiprocessing.Queue`` API."""
+    """A process-shared FIFO queue with the stdlib ``multiprocessing.Queue`` API.
 
-    def __init__(self, maxsize: int = 0, *, ctx: Any = None) -> None:
+    ``backend`` (keyword) makes another engine's queue with the same face (e.g. on Ray).
+    """
+
+    def __new__(cls, *args: Any, backend: Any = None, **kwargs: Any) -> Any:
+        if backend is not None and getattr(backend, "name", "local") != "local":
+            return backend.Queue(*args)
+        return super().__new__(cls)
+
+    def __init__(self, maxsize: int = 0, *, ctx: Any = None, backend: Any = None) -> None:
         if maxsize <= 0:
             maxsize = _SEM_VALUE_MAX
         self._maxsize = maxsize
@@ -363,7 +371,7 @@ class JoinableQueue(Queue):
     cross-process condition variable, nothing a killed process can leave locked.
     """
 
-    def __init__(self, maxsize: int = 0, *, ctx: Any = None) -> None:
+    def __init__(self, maxsize: int = 0, *, ctx: Any = None, backend: Any = None) -> None:
         self._tasks_r, self._tasks_w = _token_pipe(0)
         self._done_r, self._done_w = _token_pipe(0)
         super().__init__(maxsize, ctx=ctx)
