@@ -147,7 +147,7 @@ def __getattr__(name: str) -> Any:
         globals()[name] = value
         return value
     if name == "RayBackend":
-        from ._ray import RayBackend  # type: ignore[import-untyped,unused-ignore]
+        from ._ray import RayBackend  # type: ignore[import-not-found,import-untyped,unused-ignore]
 
         globals()[name] = RayBackend
         return RayBackend
