@@ -22,7 +22,9 @@ import io
 import os
 import select
 import socket
+import struct
 import sys
+import threading
 import time
 from multiprocessing import connection as _mp_connection
 from typing import Any, Final
@@ -37,6 +39,10 @@ __all__ = ("MAX_RECORD", "Connection", "Pipe", "RecordChannel", "record_pair")
 _CMSG_SPACE: Final = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * 4)
 _RECV_FLAGS: Final = int(getattr(socket, "MSG_CMSG_CLOEXEC", 0))
 _MSG_CTRUNC: Final = int(socket.MSG_CTRUNC)
+_DONTWAIT_INT: Final = int(socket.MSG_DONTWAIT)
+_FAST_MAX: Final = 16 * 1024  # frames up to this size take the two-syscall fast paths
+_UNPACK_I: Final = struct.Struct("!i").unpack
+_PACK_I: Final = struct.Struct("!i").pack
 #: Records larger than this are spilled into a memfd (kernel socket buffers stay small).
 MAX_RECORD: Final = 64 * 1024
 _SOCKBUF: Final = 4 << 20
@@ -103,6 +109,7 @@ class Connection(_mp_connection.Connection):
     _decoder: FrameDecoder | None = None
     _fdq: list[int] | None = None
     _truncated: FdLimitError | None = None
+    _eager = 0  # receives in a row that found their frame already there (async fairness)
     _async_state: Any = None  # per-connection async locks, made by aioshm._transport
 
     def _socket(self) -> socket.socket:
@@ -127,6 +134,15 @@ class Connection(_mp_connection.Connection):
         self._check_closed()
         self._check_writable()
         data, fds, owned = _reduction.dumps(obj)
+        if not fds and len(data) <= _FAST_MAX:
+            frame = _PACK_I(len(data)) + data
+            try:
+                sent = (self._sock or self._socket()).send(frame)
+            except BlockingIOError:
+                sent = 0
+            if sent < len(frame):
+                self._send(memoryview(frame)[sent:])
+            return
         try:
             self._send_payload(data, fds)
         finally:
@@ -238,7 +254,60 @@ class Connection(_mp_connection.Connection):
         fds, self._fdq[:nfds] = self._fdq[:nfds], []
         return frame, fds
 
+    def _fast_frame(self, flags: int) -> tuple[bytes, list[int]] | None:
+        """The common case in at most two syscalls: no partial frame buffered, a small frame
+        without fds. Returns None (everything read so far handed to the decoder) otherwise.
+        fds ride with a frame's first byte, so only the header read needs ancillary space.
+        Raises BlockingIOError (``MSG_DONTWAIT``) when nothing is there yet."""
+        decoder = self._decoder
+        if decoder is not None and (decoder.pending_bytes or self._fdq):
+            return None
+        sock = self._sock or self._socket()
+        header, ancdata, mflags, _ = sock.recvmsg(4, _CMSG_SPACE, _RECV_FLAGS | flags)
+        if len(header) == 4 and not ancdata and not mflags & _MSG_CTRUNC:
+            size = _UNPACK_I(header)[0]
+            if 0 <= size <= _FAST_MAX:
+                try:
+                    payload = sock.recv(size, _DONTWAIT_INT) if size else b""
+                except BlockingIOError:
+                    payload = b""
+                if len(payload) == size:
+                    if not payload.startswith(FD_MAGIC):
+                        return payload, []
+                    self._feed(header + payload, ancdata, mflags)
+                    return None
+                self._feed(header + payload, ancdata, mflags)
+                return None
+        if not header and not ancdata:
+            raise EOFError
+        self._feed(header, ancdata, mflags)
+        return None
+
+    def _feed(self, data: bytes, ancdata: list[Any], mflags: int) -> None:
+        if self._decoder is None:
+            self._decoder = FrameDecoder()
+            self._fdq = []
+        if ancdata or mflags & _MSG_CTRUNC:
+            assert self._fdq is not None
+            try:
+                self._fdq.extend(_fds_from_ancdata(ancdata, mflags))
+            except FdLimitError as exc:
+                self._truncated = exc
+        if data:
+            self._decoder.receive_data(data)
+
     def _recv_frame_blocking(self) -> tuple[bytes, list[int]]:
+        while True:
+            try:
+                got = self._fast_frame(0)
+            except BlockingIOError:  # the description was made non-blocking elsewhere
+                _wait(self.fileno(), select.POLLIN, None)
+                continue
+            except InterruptedError:
+                continue
+            if got is not None:
+                return got
+            break
         while True:
             got = self._next_frame()
             if got is not None:
@@ -330,6 +399,17 @@ def Pipe(duplex: bool = True) -> tuple[Connection, Connection]:
 
 
 # --------------------------------------------------------------------------- records (queues)
+
+
+_tls = threading.local()
+
+
+def _recv_buffer() -> memoryview:
+    """A per-thread receive buffer one byte larger than a record may be (to detect more)."""
+    buf: memoryview | None = getattr(_tls, "buf", None)
+    if buf is None:
+        buf = _tls.buf = memoryview(bytearray(MAX_RECORD + 1))
+    return buf
 
 
 def _spill(data: bytes | bytearray | memoryview) -> int:
@@ -445,10 +525,16 @@ class RecordChannel:
 
     def try_send_record(self, record: bytes | bytearray | memoryview, fds: list[int]) -> bool:
         """Send one record without blocking; False if the socket buffer is full."""
-        sock = self._live()
-        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+        sock = self._sock
+        if sock is None:
+            raise OSError("handle is closed")
         try:
-            sock.sendmsg([record], anc)
+            if fds:
+                sock.sendmsg(
+                    [record], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+                )
+            else:
+                sock.send(record)
         except BlockingIOError:
             return False
         except OSError as exc:
@@ -477,11 +563,15 @@ class RecordChannel:
     # -- receiving --------------------------------------------------------------------------
     def try_recv_record(self) -> tuple[bytes, list[int]] | None:
         """One record and its fds, or None if none is waiting. Raises EOFError at EOF."""
-        sock = self._live()
+        sock = self._sock
+        if sock is None:
+            raise OSError("handle is closed")
+        buf = _recv_buffer()
         try:
-            data, ancdata, flags, _ = sock.recvmsg(MAX_RECORD + 1, _CMSG_SPACE, _RECV_FLAGS)
+            n, ancdata, flags, _ = sock.recvmsg_into([buf], _CMSG_SPACE, _RECV_FLAGS)
         except BlockingIOError:
             return None
+        data = bytes(buf[:n])
         fds = _fds_from_ancdata(ancdata, flags)
         if not data and not fds:
             raise EOFError
@@ -492,6 +582,8 @@ class RecordChannel:
 
     def decode(self, data: bytes, fds: list[int]) -> Any:
         """Unpickle a record received by :meth:`try_recv_record` (adopts ``fds``)."""
+        if not fds and not data.startswith(FD_MAGIC):
+            return _reduction.ForkingPickler.loads(data)  # the common case: a plain pickle
         try:
             nfds, spilled, _ = _reduction.split_payload(data)
             if spilled:

@@ -136,6 +136,7 @@ class Queue:
 
     def _after_init(self) -> None:
         self._async_state: Any = None
+        self._eager = 0
         self._finalizer = weakref.finalize(
             self, _close_fds, [self._reader, self._writer], [fd for fd in self._fds() if fd >= 0]
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +22,8 @@ if TYPE_CHECKING:
 __all__ = ("iterate", "poll_async", "recv_async", "recv_bytes_async", "send_async")
 
 _DONTWAIT = int(socket.MSG_DONTWAIT)
+_FAST_MAX = 16 * 1024
+_PACK_I = struct.Struct("!i").pack
 
 
 async def _wait(conn: Connection, *, write: bool) -> None:
@@ -63,24 +66,45 @@ async def _send_payload(conn: Connection, data: Any, fds: list[int]) -> None:
             if sent == 0:
                 await _wait(conn, write=True)
         rest = [memoryview(frame[0])[sent:], *(memoryview(p) for p in frame[1:])]
-        if any(len(p) for p in rest):
-            # The frame is partly in the kernel: finishing it cannot be cancelled, or the
-            # peer would see a torn frame on a live connection.
-            sock = conn._socket()
-            with anyio.CancelScope(shield=True):
-                for part in rest:
-                    while part:
-                        try:
-                            n = sock.send(part, _DONTWAIT)
-                        except BlockingIOError:
-                            await _wait(conn, write=True)
-                            continue
-                        part = part[n:]
+        await _finish_frame(conn, rest)
+
+
+async def _finish_frame(conn: Connection, rest: list[memoryview]) -> None:
+    """Send the rest of a frame that is partly in the kernel. It cannot be cancelled, or
+    the peer would see a torn frame on a live connection."""
+    if not any(len(p) for p in rest):
+        return
+    sock = conn._socket()
+    with anyio.CancelScope(shield=True):
+        for part in rest:
+            while part:
+                try:
+                    n = sock.send(part, _DONTWAIT)
+                except BlockingIOError:
+                    await _wait(conn, write=True)
+                    continue
+                part = part[n:]
 
 
 async def send_async(conn: Connection, obj: Any) -> None:
     copies: list[Any] = []
     data, fds, owned = _reduction.dumps(obj, copies)
+    if not fds and not copies and len(data) <= _FAST_MAX:
+        # the common case: one small frame, written whole or not at all by a single send
+        conn._check_closed()
+        conn._check_writable()
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        if not locks_of(conn).write.locked():
+            frame = _PACK_I(len(data)) + data
+            try:
+                sent = conn._socket().send(frame, _DONTWAIT)
+            except BlockingIOError:
+                sent = 0
+            if sent == len(frame):
+                return
+            if sent:
+                await _finish_frame(conn, [memoryview(frame)[sent:]])
+                return
     try:
         await copy_in_chunks(copies)
         await _send_payload(conn, data, fds)
@@ -110,14 +134,25 @@ async def send_bytes_async(
 
 def _try_frame(conn: Connection) -> tuple[bytes, list[int]] | None:
     """A complete frame if one can be had without blocking."""
-    while True:
-        got = conn._next_frame()
-        if got is not None:
-            return got
-        try:
+    try:
+        while True:
+            got = conn._next_frame()
+            if got is not None:
+                return got
+            decoder = conn._decoder
+            if decoder is None or (not decoder.pending_bytes and not conn._fdq):
+                got = conn._fast_frame(_DONTWAIT)
+                if got is not None:
+                    return got
+                continue
             conn._read_some(_DONTWAIT)
-        except BlockingIOError:
-            return None
+    except BlockingIOError:
+        return None
+
+
+#: A receive that finds its frame already there does not yield, like ``loop.sock_recv``;
+#: but every this many such calls in a row it does, so a busy stream cannot starve the loop.
+_FAIRNESS = 16
 
 
 async def _recv_frame(conn: Connection) -> tuple[bytes, list[int]]:
@@ -128,9 +163,13 @@ async def _recv_frame(conn: Connection) -> tuple[bytes, list[int]]:
     if not lock.locked():
         got = _try_frame(conn)  # fast path: nothing awaits in between
         if got is not None:
-            # the frame is ours now: yield to other tasks without a cancellation point
-            await anyio.lowlevel.cancel_shielded_checkpoint()
+            conn._eager = eager = conn._eager + 1
+            if eager >= _FAIRNESS:
+                conn._eager = 0
+                # the frame is ours: yield to other tasks without a cancellation point
+                await anyio.lowlevel.cancel_shielded_checkpoint()
             return got
+    conn._eager = 0
     async with lock:
         while True:
             got = _try_frame(conn)

@@ -60,7 +60,18 @@ async def put_async(q: Queue, obj: Any, block: bool, timeout: float | None) -> N
     copies: list[Any] = []
     record, fds, owned = q._writer.encode(obj, copies)
     try:
-        await copy_in_chunks(copies)
+        if copies:
+            await copy_in_chunks(copies)
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        locks = locks_of(q)
+        if not locks.write.locked():
+            # fast path, like loop.sock_sendall: no other task of ours is putting, and the
+            # item goes out at once (nothing awaits in between)
+            done, have_slot = q._try_put(record, fds, False)
+            if done:
+                return
+            if have_slot:
+                q._give_slot()
         locks = locks_of(q)
         deadline = _deadline(block, timeout)
         async with locks.write:
@@ -90,9 +101,24 @@ async def put_async(q: Queue, obj: Any, block: bool, timeout: float | None) -> N
         _reduction.close_owned(fds, owned)
 
 
+#: A get that finds its item already there does not yield, like ``loop.sock_recv``; every
+#: this many such calls in a row it does, so a busy queue cannot starve the event loop.
+_FAIRNESS = 16
+
+
 async def get_async(q: Queue, block: bool, timeout: float | None) -> Any:
     q._check_closed()
     locks = locks_of(q)
+    await anyio.lowlevel.checkpoint_if_cancelled()
+    if not locks.read.locked():
+        got = q._try_get()  # fast path: nothing awaits between taking it and returning it
+        if got is not None:
+            q._eager = eager = q._eager + 1
+            if eager >= _FAIRNESS:
+                q._eager = 0
+                await anyio.lowlevel.cancel_shielded_checkpoint()
+            return q._reader.decode(*got)
+    q._eager = 0
     deadline = _deadline(block, timeout)
     waited = False
     async with locks.read:
