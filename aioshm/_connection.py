@@ -441,8 +441,14 @@ def _unspill(fd: int, size: int) -> bytes:
 
 def _wait(fd: int, events: int, deadline: float | None) -> bool:
     """Block until ``fd`` is ready for ``events`` or the deadline passes (False on timeout)."""
+    return wait_any([(fd, events)], deadline)
+
+
+def wait_any(fds: list[tuple[int, int]], deadline: float | None) -> bool:
+    """Block until one of ``(fd, events)`` is ready or the deadline passes (False on timeout)."""
     poller = select.poll()
-    poller.register(fd, events)
+    for fd, events in fds:
+        poller.register(fd, events)
     while True:
         if deadline is None:
             timeout_ms = None

@@ -33,6 +33,7 @@ from typing import Any, Final
 
 from . import _reduction
 from ._connection import RecordChannel, record_pair
+from ._connection import wait_any as _wait_any
 from ._exceptions import QueueShutDown
 
 __all__ = ("JoinableQueue", "Queue", "SimpleQueue")
@@ -66,23 +67,6 @@ def _token_pipe(preload: int) -> tuple[int, int]:
 def _pipe_size(fd: int) -> int:
     buf = fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0")
     return int(struct.unpack("i", buf)[0])
-
-
-def _wait_any(fds: list[tuple[int, int]], deadline: float | None) -> bool:
-    """Block until one of ``(fd, events)`` is ready or the deadline passes (False on timeout)."""
-    poller = select.poll()
-    for fd, events in fds:
-        poller.register(fd, events)
-    while True:
-        if deadline is None:
-            timeout_ms = None
-        else:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return bool(poller.poll(0))
-            timeout_ms = max(1, int(remaining * 1000 + 0.999))
-        if poller.poll(timeout_ms):
-            return True
 
 
 def _close_fds(channels: list[RecordChannel], fds: list[int]) -> None:

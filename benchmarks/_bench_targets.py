@@ -96,3 +96,42 @@ def touch_child(inq: Any, outq: Any) -> None:
             break
         outq.put(touch(item))
     item = None
+
+
+# --------------------------------------------------------------------------- W3: tiny tasks
+
+
+def inc(x: int) -> int:
+    """The W3 task: 5,000 of these on 2 workers (bench_pool.py)."""
+    return x + 1
+
+
+_worker_profile: Any = None
+
+
+def profile_worker_start() -> None:
+    """A pool ``initializer`` for bench_pool.py ``--profile``: cProfile the whole worker."""
+    import cProfile
+
+    global _worker_profile
+    _worker_profile = cProfile.Profile()
+    _worker_profile.enable()
+
+
+def profile_worker_dump(directory: str, linger: float) -> int:
+    """Write this worker's profile to ``directory/worker-<pid>.prof``; return the pid.
+
+    ``linger`` seconds of sleep keep the worker busy so that the next dump task goes to the
+    other worker.
+    """
+    import time
+
+    time.sleep(linger)
+    if _worker_profile is not None:
+        _worker_profile.dump_stats(os.path.join(directory, f"worker-{os.getpid()}.prof"))
+    return os.getpid()
+
+
+async def ainc(x: int) -> int:
+    """``inc`` as a coroutine function: aiomultiprocess ``Pool.map`` only takes those."""
+    return x + 1
