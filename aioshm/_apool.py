@@ -58,8 +58,10 @@ from ._exceptions import (
     TaskCancelled,
     signal_name_of,
 )
-from ._poolworker import worker_main
+from ._poolworker import TaskCounter, worker_main
 from ._shm import _segment
+from ._transport._proc import stop_async
+from ._transport._waits import MultiWait
 
 __all__ = ("AsyncResult", "IMapIterator", "Pool", "PoolStatistics", "ProgressEvent", "run_sync")
 
@@ -114,6 +116,7 @@ class AsyncResult:
         self._error: BaseException | None = None
         self._ready = False
         self._jobs: set[_Job] = set()
+        self._waiters: list[_Waiter] = []  # tasks awaiting this result (not driving the pool)
 
     def ready(self) -> bool:
         return self._ready
@@ -143,6 +146,8 @@ class AsyncResult:
         for job in list(self._jobs):
             self._pool._forget(job)
         self._jobs.clear()
+        for waiter in self._waiters:
+            self._pool._notify(waiter)
         if error is None and self._callback is not None:
             self._callback(value)
         elif error is not None and self._error_callback is not None:
@@ -157,7 +162,7 @@ class AsyncResult:
 
     async def _await(self) -> Any:
         try:
-            await self._pool._drive_until_async(self.ready)
+            await self._pool._drive_until_async(self.ready, self)
         except BaseException:
             if not self._ready:
                 await self._pool._abandon(self)
@@ -249,11 +254,15 @@ class IMapIterator:
         self._submitted = 0
         self._inflight: dict[int, AsyncResult] = {}
         self._done: dict[int, AsyncResult] = {}
-        self._buffer: collections.deque[Any] = collections.deque()
+        # one entry per finished chunk not yet consumed: a deque of its items, or a _Raise
+        self._buffer: collections.deque[collections.deque[Any] | _Raise] = collections.deque()
         self._exhausted = False
 
     def _fill(self) -> None:
-        while not self._exhausted and len(self._inflight) + len(self._done) < self._max_inflight:
+        while (
+            not self._exhausted
+            and len(self._inflight) + len(self._done) + len(self._buffer) < self._max_inflight
+        ):
             try:
                 chunk = next(self._source)
             except StopIteration:
@@ -283,16 +292,20 @@ class IMapIterator:
     def _emit(self, result: AsyncResult) -> None:
         if result._error is not None:
             self._buffer.append(_Raise(result._error))
-        else:
-            self._buffer.extend(result._value)
+        elif result._value:
+            self._buffer.append(collections.deque(result._value))
 
     def _finished(self) -> bool:
         return self._exhausted and not self._inflight and not self._done
 
     def _pop(self) -> Any:
-        item = self._buffer.popleft()
-        if isinstance(item, _Raise):
-            raise item.error
+        chunk = self._buffer[0]
+        if isinstance(chunk, _Raise):
+            self._buffer.popleft()
+            raise chunk.error
+        item = chunk.popleft()
+        if not chunk:
+            self._buffer.popleft()
         return item
 
     def __iter__(self) -> Iterator[Any]:
@@ -356,7 +369,17 @@ def _chunks(iterable: Iterable[Any], size: int) -> Iterator[list[Any]]:
 
 
 class _Job:
-    __slots__ = ("args", "cancellable", "fn", "id", "index", "kwds", "result", "worker")
+    __slots__ = (
+        "abandoned",
+        "args",
+        "cancellable",
+        "fn",
+        "id",
+        "index",
+        "kwds",
+        "result",
+        "worker",
+    )
 
     def __init__(
         self,
@@ -372,23 +395,63 @@ class _Job:
         self.result = result
         self.index = index
         self.cancellable = cancellable
+        self.abandoned = False  # its awaiter was cancelled (cancellable jobs only)
         self.worker: _Worker | None = None
 
 
 class _Worker:
-    __slots__ = ("budget", "idle_since", "inflight", "proc", "results", "tasks")
+    __slots__ = (
+        "budget",
+        "eof",
+        "finished",
+        "idle_since",
+        "inflight",
+        "proc",
+        "results",
+        "results_fd",
+        "sentinel",
+        "stopping",
+        "taken",
+        "tasks",
+    )
 
-    def __init__(self, proc: Any, tasks: RecordChannel, results: RecordChannel, budget: int | None):
+    def __init__(
+        self,
+        proc: Any,
+        tasks: RecordChannel,
+        results: RecordChannel,
+        taken: TaskCounter,
+        budget: int | None,
+    ):
         self.proc = proc
+        self.sentinel: int = proc.sentinel
         self.tasks = tasks
         self.results = results
+        self.results_fd = results.fileno()
+        self.taken = taken  # task records the worker took off its channel (shared page)
+        self.finished = 0  # results (or reports) received from it
         self.inflight: collections.deque[_Job] = collections.deque()
         self.budget = budget  # tasks it may still be sent (maxtasksperchild)
         self.idle_since = time.monotonic()
+        self.eof = False  # its result channel reached EOF: it is exiting
+        self.stopping = False  # being terminated by a cancelled await
 
     def close_channels(self) -> None:
         self.tasks.close()
         self.results.close()
+        self.taken.close()
+
+
+class _Waiter:
+    """A task awaiting the pool while another task drives it (see ``_drive_until_async``)."""
+
+    __slots__ = ("done", "elected", "event", "thread")
+
+    def __init__(self, done: Callable[[], bool]) -> None:
+        self.done = done
+        self.event = anyio.Event()
+        self.elected = False  # woken to take over driving the pool
+        self.thread = threading.get_ident()
 
 
 # --------------------------------------------------------------------------- the pool
@@ -449,9 +512,14 @@ class Pool:
         self._generation = 0
         self._tasks_done = 0
         self._replaced = 0
-        self._pump_lock: Any = None
-        self._waiter: Any = None
-        self._waiter_generation = -1
+        self._woken = False  # a byte is in the wake-up pipe
+        self._parked = 0  # drivers waiting on the pool's fds (they need a wake-up on changes)
+        self._driving = False  # an awaiting task drives the pool
+        self._followers: dict[_Waiter, None] = {}  # the tasks awaiting while it does, oldest first
+        self._generic: list[_Waiter] = []  # those whose condition is not one result
+        self._foreign: collections.deque[_Waiter] = collections.deque()  # woken by other threads
+        self._waiter: MultiWait | None = None
+        self._waiter_key: tuple[int, list[tuple[int, int]]] | None = None
         self._lazy = _lazy  # run_sync's pool starts workers on demand
         self._guard: Any = None
         try:
@@ -470,9 +538,10 @@ class Pool:
     def _start_worker(self) -> None:
         task_r, task_w = record_pair()
         res_r, res_w = record_pair()
+        taken = TaskCounter()
         proc = self._ctx.Process(
             target=worker_main,
-            args=(task_r, res_w, self._initializer, self._initargs, self._maxtasks),
+            args=(task_r, res_w, self._initializer, self._initargs, self._maxtasks, taken),
             daemon=True,
         )
         proc.name = proc.name.replace("Process", "PoolWorker")
@@ -481,12 +550,13 @@ class Pool:
         except BaseException:
             for ch in (task_r, task_w, res_r, res_w):
                 ch.close()
+            taken.close()
             raise
         finally:
             _reduction.release_spawn_fds(getattr(proc, "_popen", None))
         task_r.close()
         res_w.close()
-        self._workers.append(_Worker(proc, task_w, res_r, self._maxtasks))
+        self._workers.append(_Worker(proc, task_w, res_r, taken, self._maxtasks))
         self._generation += 1
 
     def _repopulate(self) -> None:
@@ -519,43 +589,73 @@ class Pool:
             self._jobs[job.id] = job
             result._jobs.add(job)
             self._pending.append(job)
-            self._step()
-        self._wake()
+            generation = self._generation
+            if self._lazy:
+                self._step()  # starts workers on demand
+            else:
+                self._dispatch()
+            if self._parked and (self._pending or self._generation != generation):
+                self._wake()  # the driver must watch other fds now
 
     def _forget(self, job: _Job) -> None:
         self._jobs.pop(job.id, None)
-        try:
-            self._pending.remove(job)
-        except ValueError:
-            pass
+        if job.worker is None:
+            try:
+                self._pending.remove(job)
+            except ValueError:
+                pass
 
     def _wake(self) -> None:
-        try:
-            os.write(self._wake_w, b"\0")
-        except (BlockingIOError, OSError):
-            pass
+        """Wake whoever is parked waiting on the pool's fds."""
+        with self._mutex:
+            if self._woken or self._wake_w < 0:
+                return
+            self._woken = True
+            try:
+                os.write(self._wake_w, b"\0")
+            except OSError:
+                pass
+
+    def _notify(self, waiter: _Waiter) -> None:
+        """Wake an awaiting task (from the thread of its event loop, or through the driver)."""
+        if waiter.thread == threading.get_ident():
+            waiter.event.set()
+        else:
+            self._foreign.append(waiter)
+            self._wake()
 
     # -- the pump -----------------------------------------------------------------------------
-    def _step(self) -> None:
-        """Read results, reap dead workers (failing their running task), refill, dispatch."""
+    def _step(self, ready: set[int] | None = None) -> None:
+        """Read results, reap dead workers (failing their running task), refill, dispatch.
+
+        ``ready``: the fds a wait found ready (only those are read); None reads everything.
+        """
         with self._mutex:
-            try:
-                while os.read(self._wake_r, 512):
+            if self._woken and (ready is None or self._wake_r in ready):
+                try:
+                    while os.read(self._wake_r, 512):
+                        pass
+                except OSError:
                     pass
-            except (BlockingIOError, OSError):
-                pass
-            for worker in list(self._workers):
-                self._read_results(worker)
-            for worker in list(self._workers):
-                if not worker.proc.is_alive():
-                    self._worker_died(worker)
+                self._woken = False
+            dead = False
+            for worker in self._workers:
+                if ready is None or worker.results_fd in ready or worker.sentinel in ready:
+                    self._read_results(worker)
+                dead = dead or worker.eof or (ready is not None and worker.sentinel in ready)
+            if dead:
+                for worker in list(self._workers):
+                    if (worker.eof or ready is None or worker.sentinel in ready) and (
+                        not worker.proc.is_alive()
+                    ):
+                        self._worker_died(worker)
             if self._state == "RUN":
                 if self._lazy:
                     busy = sum(1 for w in self._workers if w.inflight)
                     want = min(self._processes, busy + len(self._pending))
                     while len(self._workers) < want:
                         self._start_worker()
-                else:
+                elif len(self._workers) < self._processes:
                     self._repopulate()
             self._dispatch()
             if self._state == "CLOSE" and not self._pending:
@@ -568,29 +668,31 @@ class Pool:
             try:
                 got = worker.results.try_recv_record()
             except EOFError:
+                if not worker.eof:
+                    worker.eof = True
+                    self._generation += 1  # stop watching its result channel
                 return
             if got is None:
                 return
+            worker.finished += 1
+            job = worker.inflight.popleft() if worker.inflight else None
+            worker.idle_since = time.monotonic()
             try:
                 msg = worker.results.decode(*got)
             except Exception as exc:
-                job = worker.inflight.popleft() if worker.inflight else None
                 if job is not None:
                     self._complete(job, None, exc)
-                continue
-            self._handle(worker, msg)
-
-    def _handle(self, worker: _Worker, msg: Any) -> None:
-        kind = msg[0]
-        job = worker.inflight.popleft() if worker.inflight else None
-        worker.idle_since = time.monotonic()
-        if job is None:
-            return
-        if kind == "ok":
-            self._complete(job, msg[2], None)
-        else:
-            _, _, original, type_name, tb_text = msg
-            self._complete(job, None, _remote_error(original, type_name, tb_text))
+            else:
+                if job is not None:
+                    if msg[0] == "ok":
+                        self._complete(job, msg[2], None)
+                    else:
+                        _, _, original, type_name, tb_text = msg
+                        self._complete(job, None, _remote_error(original, type_name, tb_text))
+            if worker.inflight and worker.inflight[0].abandoned and not worker.stopping:
+                # the next task it runs was cancelled by its awaiter: stop the worker
+                worker.stopping = True
+                worker.proc.terminate()
 
     def _complete(self, job: _Job, value: Any, error: BaseException | None) -> None:
         self._tasks_done += 1
@@ -603,7 +705,8 @@ class Pool:
         self._read_results(worker)  # what it sent before dying is still there
         worker.proc.join()  # not alive any more: returns at once
         exitcode = worker.proc.exitcode
-        if worker.inflight:
+        if worker.inflight and worker.taken.value > worker.finished:
+            # it took its oldest task off the channel, so it died running that one
             running = worker.inflight.popleft()
             name = signal_name_of(exitcode) if exitcode is not None else None
             what = f"signal {name}" if name else f"exit code {exitcode}"
@@ -616,44 +719,62 @@ class Pool:
                 name,
             )
             self._complete(running, None, error)
-            # tasks queued behind it never started: send them elsewhere
-            for job in reversed(worker.inflight):
-                job.worker = None
-                self._pending.appendleft(job)
-            worker.inflight.clear()
             self._replaced += 1
         elif exitcode not in (0, None) and self._state == "RUN":
             self._replaced += 1
+        # tasks queued behind it never started: send them elsewhere (cancelled ones are dropped)
+        for job in reversed(worker.inflight):
+            job.worker = None
+            if job.abandoned:
+                self._jobs.pop(job.id, None)
+            else:
+                self._pending.appendleft(job)
+        worker.inflight.clear()
         self._remove_worker(worker)
         _close_popen(worker.proc)
 
     def _dispatch(self) -> None:
-        if not self._pending:
+        """Send pending tasks, each to the ready worker with the fewest tasks in flight."""
+        pending = self._pending
+        if not pending:
             return
-        for worker in self._workers:
-            while self._pending and len(worker.inflight) < DEPTH and worker.budget != 0:
-                if worker.tasks.closed:
-                    break
-                job = self._pending[0]
-                try:
-                    record, fds, owned = worker.tasks.encode((job.id, job.fn, job.args, job.kwds))
-                except Exception as exc:  # the task cannot be pickled: it fails alone
-                    self._pending.popleft()
-                    self._complete(job, None, exc)
-                    continue
-                try:
-                    sent = worker.tasks.try_send_record(record, fds)
-                except OSError:
-                    sent = False
-                finally:
-                    _reduction.close_owned(fds, owned)
-                if not sent:
-                    break
-                self._pending.popleft()
-                job.worker = worker
-                worker.inflight.append(job)
-                if worker.budget is not None:
-                    worker.budget -= 1
+        full: set[_Worker] = set()
+        while pending:
+            worker = None
+            for w in self._workers:
+                if (
+                    len(w.inflight) < DEPTH
+                    and w.budget != 0
+                    and not w.eof
+                    and not w.stopping
+                    and not w.tasks.closed
+                    and w not in full
+                    and (worker is None or len(w.inflight) < len(worker.inflight))
+                ):
+                    worker = w
+            if worker is None:
+                return
+            job = pending[0]
+            try:
+                record, fds, owned = worker.tasks.encode((job.id, job.fn, job.args, job.kwds))
+            except Exception as exc:  # the task cannot be pickled: it fails alone
+                pending.popleft()
+                self._complete(job, None, exc)
+                continue
+            try:
+                sent = worker.tasks.try_send_record(record, fds)
+            except OSError:
+                sent = False
+            finally:
+                _reduction.close_owned(fds, owned)
+            if not sent:
+                full.add(worker)
+                continue
+            pending.popleft()
+            job.worker = worker
+            worker.inflight.append(job)
+            if worker.budget is not None:
+                worker.budget -= 1
 
     def _send_exit(self, worker: _Worker) -> None:
         try:
@@ -665,18 +786,25 @@ class Pool:
     def _wait_fds(self) -> list[tuple[int, int]]:
         fds = [(self._wake_r, _IN)]
         for worker in self._workers:
-            if not worker.results.closed:
+            if not worker.results.closed and not worker.eof:
                 fds.append((worker.results.fileno(), _IN))
-            fds.append((worker.proc.sentinel, _IN))
-            if self._pending and not worker.tasks.closed and len(worker.inflight) < DEPTH:
+            fds.append((worker.sentinel, _IN))
+            if (
+                self._pending
+                and not worker.tasks.closed
+                and len(worker.inflight) < DEPTH
+                and worker.budget != 0
+                and not worker.stopping
+            ):
                 fds.append((worker.tasks.fileno(), _OUT))
         return fds
 
     # -- driving: blocking face ---------------------------------------------------------------
     def _drive_until(self, done: Callable[[], bool], timeout: float | None) -> None:
         deadline = math.inf if timeout is None else time.monotonic() + timeout
+        ready: set[int] | None = None
         while True:
-            self._step()
+            self._step(ready)
             if done():
                 return
             remaining = deadline - time.monotonic()
@@ -685,63 +813,140 @@ class Pool:
             poller = select.poll()
             with self._mutex:
                 fds = self._wait_fds()
-            for fd, events in fds:
-                poller.register(fd, events)
-            poller.poll(None if remaining == math.inf else max(1, int(remaining * 1000)))
+                self._parked += 1
+            try:
+                for fd, events in fds:
+                    poller.register(fd, events)
+                got = poller.poll(None if remaining == math.inf else max(1, int(remaining * 1000)))
+            finally:
+                with self._mutex:
+                    self._parked -= 1
+            ready = {fd for fd, _ in got}
 
     # -- driving: async face ------------------------------------------------------------------
-    async def _drive_until_async(self, done: Callable[[], bool]) -> None:
-        from ._transport._waits import MultiWait
+    async def _drive_until_async(
+        self, done: Callable[[], bool], result: AsyncResult | None = None
+    ) -> None:
+        """Return once ``done()``: drive the pool, or wait while another task drives it.
 
-        if self._pump_lock is None:
-            self._pump_lock = anyio.Lock(fast_acquire=True)
+        One awaiting task at a time drives the pool: it waits on one epoll fd covering every
+        result channel and sentinel, reads what arrived and wakes the tasks whose results
+        came (each waits on an ``anyio.Event`` of its own). When it is done it hands driving
+        over to the oldest task still waiting.
+        """
         await anyio.lowlevel.checkpoint_if_cancelled()
-        self._step()
         if done():
             await anyio.lowlevel.cancel_shielded_checkpoint()
             return
-        async with self._pump_lock:  # one task drives; the others queue here
+        waiter: _Waiter | None = None
+        try:
             while True:
-                self._step()
+                if not self._driving:
+                    if waiter is not None:
+                        waiter.elected = False
+                    self._driving = True
+                    try:
+                        await self._drive(done)
+                    finally:
+                        self._driving = False
+                        self._elect()
+                    return
+                if waiter is None:
+                    waiter = _Waiter(done)
+                    self._followers[waiter] = None
+                    if result is not None:
+                        result._waiters.append(waiter)
+                    else:
+                        self._generic.append(waiter)
+                await waiter.event.wait()
                 if done():
                     return
+                waiter.event = anyio.Event()
+                waiter.elected = False
+        finally:
+            if waiter is not None:
+                self._followers.pop(waiter, None)
+                if result is not None:
+                    result._waiters.remove(waiter)
+                else:
+                    self._generic.remove(waiter)
+                if waiter.elected and not self._driving:
+                    self._elect()  # it was asked to drive but leaves: ask the next one
+
+    def _elect(self) -> None:
+        """Hand driving over to the oldest waiting task that is not already woken."""
+        for waiter in self._followers:
+            if not waiter.event.is_set():
+                waiter.elected = True
+                self._notify(waiter)
+                return
+
+    async def _drive(self, done: Callable[[], bool]) -> None:
+        ready: set[int] | None = None
+        while True:
+            self._step(ready)
+            while self._foreign:
+                self._foreign.popleft().event.set()
+            for waiter in self._generic:
+                if waiter.done():
+                    waiter.event.set()
+            if done():
+                return
+            with self._mutex:
+                # fd numbers are reused by replacement workers: key on the generation too
+                key = (self._generation, self._wait_fds())
+                if self._waiter is None or self._waiter_key != key:
+                    if self._waiter is not None:
+                        self._waiter.close()
+                    self._waiter = MultiWait(key[1])
+                    self._waiter_key = key
+                multi = self._waiter
+                self._parked += 1
+            try:
+                await multi.wait()
+            finally:
                 with self._mutex:
-                    if self._waiter is None or self._waiter_generation != self._generation:
-                        if self._waiter is not None:
-                            self._waiter.close()
-                        self._waiter = MultiWait(self._wait_fds())
-                        self._waiter_generation = self._generation
-                    waiter = self._waiter
-                await waiter.wait()
+                    self._parked -= 1
+            ready = multi.ready() if self._waiter is multi else None
 
     async def _abandon(self, result: AsyncResult) -> None:
-        """The awaiting task was cancelled before ``result`` was ready."""
-        jobs = list(result._jobs)
-        kill = [job for job in jobs if job.cancellable]
+        """The awaiting task was cancelled before ``result`` was ready.
+
+        Tasks not sent yet are dropped. A sent ``cancellable`` task is cancelled: if its
+        worker is running it, the worker is stopped (terminate, grace, kill), reaped and
+        replaced; if it waits behind another task there, the worker is stopped when it gets to
+        it. A sent task that is not cancellable runs on; its result is discarded.
+        """
+        stop: list[_Worker] = []
+        cancelled = dropped = False
         with self._mutex:
-            for job in jobs:
-                if job.worker is None:  # not sent yet: just drop it
+            for job in list(result._jobs):
+                worker = job.worker
+                if worker is None:
                     self._forget(job)
                     result._jobs.discard(job)
-        if not kill:
-            return  # not cancellable: it runs on, and its result is discarded
-        workers = {job.worker for job in kill if job.worker is not None}
-        with anyio.CancelScope(shield=True):
-            from ._transport._proc import stop_async
-
-            await stop_async([w.proc for w in workers], GRACE_PERIOD)
-            with self._mutex:
-                for worker in workers:
-                    if worker in self._workers:
-                        for job in list(worker.inflight):
-                            if job in kill:
-                                worker.inflight.remove(job)
-                                self._jobs.pop(job.id, None)
-                        self._worker_died(worker)
-                self._step()
-        result._finish(
-            None, TaskCancelled("the awaiting task was cancelled; the worker was stopped")
-        )
+                    dropped = True
+                elif job.cancellable:
+                    job.abandoned = cancelled = True
+                    if worker.inflight and worker.inflight[0] is job and not worker.stopping:
+                        worker.stopping = True
+                        stop.append(worker)
+            if cancelled:
+                why = "the awaiting task was cancelled; the worker running it was stopped"
+                result._finish(None, TaskCancelled(why))
+            elif dropped and not result._jobs:
+                why = "the awaiting task was cancelled before it ran"
+                result._finish(None, TaskCancelled(why))
+        if stop:
+            with anyio.CancelScope(shield=True):
+                await stop_async([w.proc for w in stop], GRACE_PERIOD)
+                with self._mutex:
+                    for worker in stop:
+                        if worker in self._workers:
+                            self._worker_died(worker)
+                    self._step()
+                if self._parked:
+                    self._wake()
 
     # -- the stdlib API -------------------------------------------------------------------------
     def apply_async(
@@ -915,8 +1120,6 @@ class Pool:
 
     async def terminate_async(self) -> None:
         """Awaitable :meth:`terminate` (terminate, grace period, kill, reap)."""
-        from ._transport._proc import stop_async
-
         with self._mutex:
             self._state = "TERMINATE"
             self._fail_all("the pool was terminated")

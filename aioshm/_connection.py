@@ -610,13 +610,17 @@ class RecordChannel:
 
     def recv(self, timeout: float | None = None) -> Any:
         """Receive one object, blocking up to ``timeout``; raises TimeoutError on timeout."""
+        return self.decode(*self.recv_record(timeout))
+
+    def recv_record(self, timeout: float | None = None) -> tuple[bytes, list[int]]:
+        """One raw record and its fds (for :meth:`decode`), blocking up to ``timeout``."""
         if not self.readable:
             raise OSError("connection is write-only")
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             got = self.try_recv_record()
             if got is not None:
-                return self.decode(*got)
+                return got
             if not _wait(self.fileno(), select.POLLIN, deadline):
                 raise TimeoutError
 

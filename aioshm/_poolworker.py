@@ -7,8 +7,10 @@ Protocol, one record per message on two SOCK_SEQPACKET channels of its own:
   traceback_text)``; ``("bad-task", None, None, type_name, traceback_text)`` when a task could
   not even be unpickled (the parent knows which job it sent).
 
-A worker runs its tasks strictly in order, so the parent can tell from what it already received
-which task a dead worker was running. It ignores SIGINT (the parent turns Ctrl-C into
+A worker runs its tasks strictly in order and counts, in a page it shares with the parent
+(:class:`TaskCounter`), every task record it takes off its channel before unpickling it. So when
+a worker dies the parent knows whether it was running the oldest task it was sent (blame that
+one) or died idle, before taking it (blame none; send them elsewhere). It ignores SIGINT (the parent turns Ctrl-C into
 cancellation), dies with its parent, and drops every reference to a task's arguments and result
 before it takes the next one (and collects cycles if shared segments are still mapped), so
 shared memory is released after every task.
@@ -17,6 +19,8 @@ shared memory is released after every task.
 from __future__ import annotations
 
 import gc
+import mmap
+import os
 import signal
 from collections.abc import Callable
 from typing import Any
@@ -25,7 +29,56 @@ from . import _procutil
 from ._connection import RecordChannel
 from ._shm import _segment
 
-__all__ = ("worker_main",)
+__all__ = ("TaskCounter", "worker_main")
+
+
+class TaskCounter:
+    """A 64-bit counter in a page shared by the parent and one worker (no syscall to bump)."""
+
+    __slots__ = ("_fd", "_map", "_view")
+
+    def __init__(self, fd: int | None = None) -> None:
+        if fd is None:
+            if hasattr(os, "memfd_create"):
+                fd = os.memfd_create("aioshm-pool-counter", os.MFD_CLOEXEC)
+            else:  # pragma: no cover - macOS
+                import tempfile
+
+                with tempfile.TemporaryFile() as f:
+                    fd = os.dup(f.fileno())
+            try:
+                os.ftruncate(fd, mmap.PAGESIZE)
+            except BaseException:
+                os.close(fd)
+                raise
+        self._fd = fd
+        self._map = mmap.mmap(fd, mmap.PAGESIZE)
+        self._view = memoryview(self._map).cast("Q")
+
+    @property
+    def value(self) -> int:
+        return int(self._view[0])
+
+    def bump(self) -> None:
+        self._view[0] += 1
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            self._view.release()
+            self._map.close()
+            os.close(self._fd)
+            self._fd = -1
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        from ._reduction import fd_ref
+
+        return (_rebuild_counter, (fd_ref(os.dup(self._fd), owned=True),))
+
+
+def _rebuild_counter(ref: object) -> TaskCounter:
+    from ._reduction import take_fd
+
+    return TaskCounter(take_fd(ref))
 
 
 def _send_raised(
@@ -49,6 +102,7 @@ def worker_main(
     initializer: Callable[..., object] | None,
     initargs: tuple[Any, ...],
     maxtasks: int | None,
+    taken: TaskCounter,
 ) -> None:
     """Run tasks from ``tasks`` until ``None``, EOF or ``maxtasks`` tasks are done."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -58,13 +112,17 @@ def worker_main(
     done = 0
     while maxtasks is None or done < maxtasks:
         try:
-            task = tasks.recv()
+            record = tasks.recv_record()
         except EOFError:
             return
+        taken.bump()  # from here on, a death is this task's fault
+        try:
+            task = tasks.decode(*record)
         except Exception as exc:  # the task could not be rebuilt here
             _send_raised(results, None, exc, "bad-task")
             done += 1
             continue
+        del record
         if task is None:
             return
         job_id, fn, args, kwds = task

@@ -85,6 +85,12 @@ class MultiWait:
     async def wait(self) -> None:
         await anyio.wait_readable(self._ep.fileno())
 
+    def ready(self) -> set[int]:
+        """The registered fds that are ready now (one non-blocking syscall)."""
+        if sys.platform.startswith("linux"):
+            return {fd for fd, _ in self._ep.poll(0)}
+        return {ev.ident for ev in self._ep.control(None, len(self.fds), 0)}  # pragma: no cover
+
     def close(self) -> None:
         self._ep.close()
 
