@@ -50,6 +50,7 @@ if str(TESTS_DIR) not in sys.path:
     sys.path.insert(0, str(TESTS_DIR))
 
 import _pool_targets as targets
+from _threads import new_thread_counter
 
 import aioshm
 from aioshm import (
@@ -1192,15 +1193,15 @@ async def test_shared_arrays_both_ways_and_no_views_left() -> None:
 @ASYNC
 @pytest.mark.timeout(60)
 async def test_async_paths_start_no_threads(fifos: Callable[[], Fifo]) -> None:
-    """threading.active_count() is unchanged while awaiting every async path of a pool
-    (sampled during the awaits and in callbacks)."""
-    base = threading.active_count()
+    """No thread is started while awaiting every async path of a pool (sampled during the
+    awaits and in callbacks)."""
+    new_threads = new_thread_counter()
     samples: list[int] = []
     stop = anyio.Event()
 
     async def sampler() -> None:
         while not stop.is_set():
-            samples.append(threading.active_count())
+            samples.append(new_threads())
             with anyio.move_on_after(0.002):  # a sampling rate, not synchronisation
                 await stop.wait()
 
@@ -1215,26 +1216,26 @@ async def test_async_paths_start_no_threads(fifos: Callable[[], Fifo]) -> None:
                         targets.slow_square,
                         range(10),
                         chunksize=1,
-                        on_progress=lambda _: samples.append(threading.active_count()),
+                        on_progress=lambda _: samples.append(new_threads()),
                     )
                     samples.extend(
                         [
-                            threading.active_count()
+                            new_threads()
                             async for _ in pool.imap_unordered(targets.slow_square, range(6))
                         ]
                     )
                     r = pool.map_async(targets.slow_square, range(6), chunksize=1)
-                    samples.extend([threading.active_count() async for _ in r.progress()])
+                    samples.extend([new_threads() async for _ in r.progress()])
                     c = pool.apply_async(targets.announce_and_block, (fifo.path,), cancellable=True)
                     await fifo.aline()
                     with anyio.move_on_after(0.05):
                         await c
-                    samples.append(threading.active_count())
+                    samples.append(new_threads())
                 assert await aioshm.run_sync(targets.slow_square, 3, 0.05) == 9
         finally:
             stop.set()
     assert len(samples) > 20
-    assert set(samples) == {base}, f"thread counts seen: {sorted(set(samples))} (base {base})"
+    assert set(samples) == {0}, f"new threads seen: {sorted(set(samples))}"
 
 
 # =========================================================================== run_sync
@@ -1346,6 +1347,7 @@ def test_run_sync_default_pool_stops_at_loop_end() -> None:
         import anyio, psutil
         import aioshm
         import _pool_targets as targets
+from _threads import new_thread_counter
 
         async def main():
             pids = [await aioshm.run_sync(targets.getpid)]
