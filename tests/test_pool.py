@@ -1347,7 +1347,6 @@ def test_run_sync_default_pool_stops_at_loop_end() -> None:
         import anyio, psutil
         import aioshm
         import _pool_targets as targets
-from _threads import new_thread_counter
 
         async def main():
             pids = [await aioshm.run_sync(targets.getpid)]
