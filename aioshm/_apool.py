@@ -39,6 +39,7 @@ import os
 import select
 import threading
 import time
+import weakref
 from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
 from types import TracebackType
@@ -58,7 +59,7 @@ from ._exceptions import (
     TaskCancelled,
     signal_name_of,
 )
-from ._poolworker import TaskCounter, worker_main
+from ._poolworker import SWEEP, TaskCounter, worker_main
 from ._shm import _segment
 from ._transport._proc import stop_async
 from ._transport._waits import MultiWait
@@ -522,6 +523,7 @@ class Pool:
         self._waiter_key: tuple[int, list[tuple[int, int]]] | None = None
         self._lazy = _lazy  # run_sync's pool starts workers on demand
         self._guard: Any = None
+        _pools.add(self)
         try:
             self._repopulate()
         except BaseException:
@@ -1213,6 +1215,31 @@ class Pool:
 
             warnings.warn(f"unclosed running pool {self!r}", ResourceWarning, stacklevel=2)
             self._kill_all()
+
+
+# Workers keep received segments mapped while another process holds them (see _poolworker).
+# When this process closes a segment, tell the workers that retain some to look again.
+_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
+
+
+def _sweep_workers() -> None:
+    """Send :data:`SWEEP` to every worker that retains segments (from any thread, even a
+    finalizer: one non-blocking send per worker; a full channel means it will sweep after
+    the tasks it has anyway)."""
+    try:
+        pools = list(_pools)
+    except RuntimeError:  # the set changed under us (another thread): skip this one
+        return
+    for pool in pools:
+        for worker in list(pool._workers):
+            try:
+                if worker.taken.retained and not worker.tasks.closed:
+                    worker.tasks.try_send_record(SWEEP, [])
+            except (OSError, ValueError):  # closing concurrently
+                pass
+
+
+_segment.set_close_hook(_sweep_workers)
 
 
 def _close_popen(proc: Any) -> None:

@@ -2,7 +2,8 @@
 
 Protocol, one record per message on two SOCK_SEQPACKET channels of its own:
 
-* parent → worker: ``(job_id, fn, args, kwds)``, or ``None`` to exit;
+* parent → worker: ``(job_id, fn, args, kwds)``, or ``None`` to exit, or the raw record
+  :data:`SWEEP` (not a task: "a segment you retain may have lost its last other holder");
 * worker → parent: ``("ok", job_id, value)`` or ``("raised", job_id, exc_or_None, type_name,
   traceback_text)``; ``("bad-task", None, None, type_name, traceback_text)`` when a task could
   not even be unpickled (the parent knows which job it sent).
@@ -12,8 +13,14 @@ A worker runs its tasks strictly in order and counts, in a page it shares with t
 a worker dies the parent knows whether it was running the oldest task it was sent (blame that
 one) or died idle, before taking it (blame none; send them elsewhere). It ignores SIGINT (the parent turns Ctrl-C into
 cancellation), dies with its parent, and drops every reference to a task's arguments and result
-before it takes the next one (and collects cycles if shared segments are still mapped), so
-shared memory is released after every task.
+before it takes the next one (and collects cycles if shared segments are still mapped).
+
+It keeps the segments it received mapped between tasks (``_segment.retain_received``), so a
+shared array sent with task after task is mapped and faulted in once, as in a Ray worker that
+keeps its object store mapped. It never keeps memory alive on its own: after every task, and
+whenever the parent closes a segment (a :data:`SWEEP` record), it unmaps every retained segment
+that no other process holds any more. The counter page's second word tells the parent whether
+it retains anything, so sweeps go only to workers that do.
 """
 
 from __future__ import annotations
@@ -29,7 +36,10 @@ from . import _procutil
 from ._connection import RecordChannel
 from ._shm import _segment
 
-__all__ = ("TaskCounter", "worker_main")
+__all__ = ("SWEEP", "TaskCounter", "worker_main")
+
+#: A record that is no pickle (those start with b"\x80") and no spill header: "sweep".
+SWEEP = b"\x00sweep"
 
 
 class TaskCounter:
@@ -58,6 +68,14 @@ class TaskCounter:
     @property
     def value(self) -> int:
         return int(self._view[0])
+
+    @property
+    def retained(self) -> bool:
+        """The worker keeps received segments mapped (set by the worker after each task)."""
+        return bool(self._view[1])
+
+    def set_retained(self, retained: bool) -> None:
+        self._view[1] = int(retained)
 
     def bump(self) -> None:
         self._view[0] += 1
@@ -107,6 +125,7 @@ def worker_main(
     """Run tasks from ``tasks`` until ``None``, EOF or ``maxtasks`` tasks are done."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _procutil.arm_parent_death_watch()
+    _segment.retain_received(True)
     if initializer is not None:
         initializer(*initargs)
     done = 0
@@ -115,6 +134,9 @@ def worker_main(
             record = tasks.recv_record()
         except EOFError:
             return
+        if record[0] == SWEEP and not record[1]:
+            taken.set_retained(_segment.sweep_retained() > 0)
+            continue
         taken.bump()  # from here on, a death is this task's fault
         try:
             task = tasks.decode(*record)
@@ -149,3 +171,4 @@ def worker_main(
         done += 1
         if any(seg.has_views() for seg in _segment.live_segments()):
             gc.collect()  # views kept alive only by cycles: release the segments now
+        taken.set_retained(_segment.sweep_retained() > 0)

@@ -220,3 +220,19 @@ def segment_report(_: object = None) -> tuple[int, int, int]:
 
 def sum_array(a: np.ndarray) -> float:
     return float(a.sum())
+
+
+def segment_of(a: np.ndarray) -> tuple[int, tuple[int, int], int, int]:
+    """``(pid, segment key, id of the Segment object, its address)`` of a received array."""
+    base: Any = a
+    while not hasattr(base, "segment"):
+        base = base.base
+    seg = base.segment
+    return os.getpid(), seg.key, id(seg), seg.address
+
+
+def mapped_keys(_: object = None) -> list[tuple[int, int]]:
+    """The keys of every segment this worker maps (in use or retained)."""
+    from aioshm import _shm
+
+    return [s.key for s in _shm.live_segments()]

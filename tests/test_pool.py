@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import itertools
 import json
 import multiprocessing
@@ -1185,6 +1186,49 @@ async def test_shared_arrays_both_ways_and_no_views_left() -> None:
             outs = await pool.map_async(targets.identity, [plain] * 3)
             assert all(aioshm.is_shared(o) for o in outs)
             del outs, a
+
+
+@ASYNC
+@pytest.mark.timeout(60)
+async def test_worker_maps_a_shared_array_once_and_unmaps_it_when_the_parent_drops_it() -> None:
+    """A worker keeps a received segment mapped between tasks while the parent holds it (the
+    same array sent again costs no new mapping); when the parent drops the array the pool
+    tells its workers, and the worker unmaps it before its next task."""
+    async with apool(1) as pool:
+        with anyio.fail_after(WAIT):
+            a = aioshm.zeros(1 << 18)  # 2 MiB
+            first = await pool.apply_async(targets.segment_of, (a,))
+            again = await pool.apply_async(targets.segment_of, (a[::2],))
+            assert again == first  # same process, same Segment object, same address
+            key = first[1]
+            assert key in await pool.apply_async(targets.mapped_keys)
+            # another array is mapped beside it
+            b = aioshm.ones(1 << 10)
+            other = await pool.apply_async(targets.segment_of, (b,))
+            assert other[1] != key
+            del a
+            gc.collect()  # the parent's last view: its segment closes, workers are told
+            keys = await pool.apply_async(targets.mapped_keys)
+            assert key not in keys, "the worker still maps a segment nobody else holds"
+            assert other[1] in keys  # b is still held here: still retained there
+            del b
+            gc.collect()
+            assert other[1] not in await pool.apply_async(targets.mapped_keys)
+
+
+@ASYNC
+@pytest.mark.timeout(60)
+async def test_retained_segment_stays_usable_when_sent_again() -> None:
+    """A retained mapping is the live segment: a write by the parent between tasks is seen by
+    the worker's next task, and the worker's writes are seen here."""
+    async with apool(1) as pool:
+        with anyio.fail_after(WAIT):
+            a = aioshm.zeros(1 << 16)
+            assert await pool.apply_async(targets.sum_array, (a,)) == 0.0
+            a[:] = 2.0
+            assert await pool.apply_async(targets.sum_array, (a,)) == 2.0 * a.size
+            await pool.apply_async(targets.mutate_and_make, (a[:10], 5))
+            np.testing.assert_array_equal(a[:10], np.full(10, 3.0))
 
 
 # =========================================================================== no threads

@@ -55,7 +55,7 @@ import struct
 import sys
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from multiprocessing import util as _mp_util
 from typing import Final, Literal
 
@@ -99,6 +99,10 @@ _idle: collections.OrderedDict[tuple[int, int], Segment] = collections.OrderedDi
 _idle_bytes = 0
 POOL_LIMIT_DEFAULT: Final = 1 << 30
 _pool_limit = POOL_LIMIT_DEFAULT
+# keep received segments mapped after their last local view dies (pool workers; see
+# retain_received) and the hook told when a segment this process shared is closed
+_retain = False
+_close_hook: Callable[[], object] | None = None
 
 
 # --------------------------------------------------------------------------- strategies
@@ -291,6 +295,7 @@ class Segment:
         "locked",
         "name",
         "pooled",
+        "received",
         "size",
     )
 
@@ -301,6 +306,7 @@ class Segment:
         self.pooled = pooled
         self.closed = False
         self.locked = False
+        self.received = False
         st = os.fstat(fd)
         self.key = (st.st_dev, st.st_ino)
         self.address = _map(fd, size)
@@ -411,6 +417,10 @@ class Segment:
             if fd >= 0:
                 os.close(fd)
             self.fd = -1
+        hook = _close_hook
+        if hook is not None and not self.pooled:
+            with contextlib.suppress(Exception):
+                hook()
 
 
 def _unlink_if_last(fd: int, name: str) -> bool:
@@ -453,7 +463,7 @@ def _views_dropped(seg: Segment) -> None:
     with _lock:
         if seg.closed or seg.has_views():
             return
-        if not seg.pooled or _pool_limit == 0 or seg.size > _pool_limit:
+        if not (seg.pooled or (_retain and seg.received)) or seg.size > _pool_limit:
             pass
         else:
             # keep it mapped for reuse; release our read lock so others may claim it
@@ -474,6 +484,56 @@ def _evict(extra: int) -> None:
                 return
             _, seg = next(iter(_idle.items()))
         seg.close()
+
+
+def retain_received(on: bool) -> None:
+    """Keep received segments mapped (unlocked, like idle pooled ones) after their last local
+    view dies, so that receiving the same segment again costs no new mapping and no page
+    faults; :func:`sweep_retained` closes those no other process holds any more. For pool
+    workers, which see the same arrays task after task. Bounded by the pool limit."""
+    global _retain
+    _retain = on
+    if not on:
+        sweep_retained(everything=True)
+
+
+def sweep_retained(*, everything: bool = False) -> int:
+    """Close the retained received segments that no other process holds (or all of them);
+    return how many stay retained."""
+    with _lock:
+        retained = [s for s in _idle.values() if not s.pooled]
+    kept = 0
+    for seg in retained:
+        if not everything:
+            with _lock:
+                if seg.closed or _idle.get(seg.key) is not seg:
+                    continue  # in use again, or gone
+                # a write lock is granted only if no other holder (or ticket in flight)
+                # keeps a read lock on the segment
+                alone = _ofd_lock(seg.fd, fcntl.F_WRLCK)
+                if alone:
+                    _ofd_lock(seg.fd, fcntl.F_UNLCK)
+                elif seg.name is not None and os.fstat(seg.fd).st_nlink == 0:
+                    alone = True
+            if not alone:
+                kept += 1
+                continue
+        seg.close()
+    return kept
+
+
+def has_retained() -> bool:
+    """True if some received segment is kept mapped without a local view."""
+    with _lock:
+        return any(not s.pooled for s in _idle.values())
+
+
+def set_close_hook(hook: Callable[[], object] | None) -> None:
+    """Call ``hook()`` (from any thread, errors ignored) when a non-pooled segment is closed
+    here: the pool uses it to tell workers that retained segments may have lost their last
+    other holder."""
+    global _close_hook
+    _close_hook = hook
 
 
 def trim() -> None:
@@ -577,7 +637,9 @@ def _claim_pooled(size: int, strategy: str) -> Segment | None:
     try:
         with _lock:
             candidates = [
-                s for s in _idle.values() if s.kind == strategy and size <= s.size <= 2 * size
+                s
+                for s in _idle.values()
+                if s.pooled and s.kind == strategy and size <= s.size <= 2 * size
             ]
             candidates.sort(key=lambda s: s.size)
             for seg in candidates:
@@ -628,6 +690,7 @@ def attach_fd(fd: int, *, pooled: bool = False) -> SegmentBuffer:
             seg = Segment(fd, st.st_size, None, pooled)
             owned = False
             seg.locked = True
+            seg.received = True
             return _register(seg).buffer()
     finally:
         if owned:
@@ -680,6 +743,7 @@ def attach_name(name: str, ticket: str | None = None, *, pooled: bool = False) -
                 _ofd_lock(fd, fcntl.F_RDLCK, wait=True)
                 seg = Segment(fd, st.st_size, name, pooled)
                 seg.locked = True
+                seg.received = True
                 fd = -1
                 buf = _register(seg).buffer()
         if ticket is not None:
