@@ -593,9 +593,8 @@ class Pool:
             self._pending.append(job)
             generation = self._generation
             if self._lazy:
-                self._step()  # starts workers on demand
-            else:
-                self._dispatch()
+                self._grow()  # starts workers on demand
+            self._dispatch()
             if self._parked and (self._pending or self._generation != generation):
                 self._wake()  # the driver must watch other fds now
 
@@ -653,10 +652,7 @@ class Pool:
                         self._worker_died(worker)
             if self._state == "RUN":
                 if self._lazy:
-                    busy = sum(1 for w in self._workers if w.inflight)
-                    want = min(self._processes, busy + len(self._pending))
-                    while len(self._workers) < want:
-                        self._start_worker()
+                    self._grow()
                 elif len(self._workers) < self._processes:
                     self._repopulate()
             self._dispatch()
@@ -664,6 +660,15 @@ class Pool:
                 for worker in list(self._workers):
                     if not worker.inflight and not worker.tasks.closed:
                         self._send_exit(worker)
+
+    def _grow(self) -> None:
+        """A lazy pool (run_sync's) starts a worker for each task no idle worker can take."""
+        if self._state != "RUN":
+            return
+        busy = sum(1 for w in self._workers if w.inflight)
+        want = min(self._processes, busy + len(self._pending))
+        while len(self._workers) < want:
+            self._start_worker()
 
     def _read_results(self, worker: _Worker) -> None:
         while not worker.results.closed:
