@@ -7,7 +7,7 @@ The whole stdlib ``multiprocessing.Pool`` API with its blocking semantics, plus:
 
 How it works::
 
-    submit ──► pending deque ──► dispatch (≤ DEPTH tasks in flight per worker)
+    submit ──► pending deque ──► dispatch (2..MAX_DEPTH tasks in flight per worker)
                                      │ one SOCK_SEQPACKET record per task (never torn, never
                                      │ blocks the loop; big payloads spill to memfds)
                                      ▼
@@ -66,8 +66,15 @@ from ._transport._waits import MultiWait
 
 __all__ = ("AsyncResult", "IMapIterator", "Pool", "PoolStatistics", "ProgressEvent", "run_sync")
 
-#: Tasks sent ahead to one worker (the first runs, the rest wait in its channel).
+#: Tasks sent ahead to one worker (the first runs, the rest wait in its channel): at least
+#: DEPTH, and up to MAX_DEPTH while tasks are short, so that about AHEAD seconds of work wait
+#: in each worker's channel. Short tasks then never leave a worker idle waiting for the next
+#: one (nor the parent waking it for each), and a task that turns out long holds up at most
+#: that much work queued behind it. The task time is a decaying maximum: one long task drops
+#: the depth back to DEPTH at once, and it grows again over the next few dozen results.
 DEPTH: Final = 2
+MAX_DEPTH: Final = 32
+AHEAD: Final = 0.002
 #: Seconds a ``run_sync`` worker may stay idle before it is retired (anyio's value).
 WORKER_MAX_IDLE_TIME: Final = 300.0
 GRACE_PERIOD: Final = 2.0
@@ -379,6 +386,7 @@ class _Job:
         "index",
         "kwds",
         "result",
+        "sent_at",
         "worker",
     )
 
@@ -398,6 +406,7 @@ class _Job:
         self.cancellable = cancellable
         self.abandoned = False  # its awaiter was cancelled (cancellable jobs only)
         self.worker: _Worker | None = None
+        self.sent_at = 0.0
 
 
 class _Worker:
@@ -511,6 +520,8 @@ class Pool:
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._generation = 0
+        self._depth = DEPTH  # tasks in flight per worker (see DEPTH)
+        self._task_time = AHEAD  # decaying maximum of recent task times (seconds)
         self._tasks_done = 0
         self._replaced = 0
         self._woken = False  # a byte is in the wake-up pipe
@@ -683,7 +694,13 @@ class Pool:
                 return
             worker.finished += 1
             job = worker.inflight.popleft() if worker.inflight else None
-            worker.idle_since = time.monotonic()
+            now = time.monotonic()
+            if job is not None:
+                # it ran from when it was sent, or from the previous result if it was queued
+                took = now - max(job.sent_at, worker.idle_since)
+                self._task_time = max(took, self._task_time * 0.9)
+                self._depth = max(DEPTH, min(MAX_DEPTH, int(AHEAD / max(self._task_time, 1e-6))))
+            worker.idle_since = now
             try:
                 msg = worker.results.decode(*got)
             except Exception as exc:
@@ -750,7 +767,7 @@ class Pool:
             worker = None
             for w in self._workers:
                 if (
-                    len(w.inflight) < DEPTH
+                    len(w.inflight) < self._depth
                     and w.budget != 0
                     and not w.eof
                     and not w.stopping
@@ -779,6 +796,7 @@ class Pool:
                 continue
             pending.popleft()
             job.worker = worker
+            job.sent_at = time.monotonic()
             worker.inflight.append(job)
             if worker.budget is not None:
                 worker.budget -= 1
@@ -799,7 +817,7 @@ class Pool:
             if (
                 self._pending
                 and not worker.tasks.closed
-                and len(worker.inflight) < DEPTH
+                and len(worker.inflight) < self._depth
                 and worker.budget != 0
                 and not worker.stopping
             ):
@@ -840,10 +858,13 @@ class Pool:
         result channel and sentinel, reads what arrived and wakes the tasks whose results
         came (each waits on an ``anyio.Event`` of its own). When it is done it hands driving
         over to the oldest task still waiting.
+
+        It is a checkpoint like any anyio call, without paying for a separate one when it
+        waits anyway: the waits below are cancellation points; only a return without waiting
+        passes through ``checkpoint()``.
         """
-        await anyio.lowlevel.checkpoint_if_cancelled()
         if done():
-            await anyio.lowlevel.cancel_shielded_checkpoint()
+            await anyio.lowlevel.checkpoint()
             return
         waiter: _Waiter | None = None
         try:
@@ -853,10 +874,12 @@ class Pool:
                         waiter.elected = False
                     self._driving = True
                     try:
-                        await self._drive(done)
+                        waited = await self._drive(done)
                     finally:
                         self._driving = False
                         self._elect()
+                    if not waited and waiter is None:
+                        await anyio.lowlevel.checkpoint()
                     return
                 if waiter is None:
                     waiter = _Waiter(done)
@@ -888,8 +911,10 @@ class Pool:
                 self._notify(waiter)
                 return
 
-    async def _drive(self, done: Callable[[], bool]) -> None:
+    async def _drive(self, done: Callable[[], bool]) -> bool:
+        """Drive the pool until ``done()``; return whether it had to wait."""
         ready: set[int] | None = None
+        waited = False
         while True:
             self._step(ready)
             while self._foreign:
@@ -898,7 +923,7 @@ class Pool:
                 if waiter.done():
                     waiter.event.set()
             if done():
-                return
+                return waited
             with self._mutex:
                 # fd numbers are reused by replacement workers: key on the generation too
                 key = (self._generation, self._wait_fds())
@@ -910,6 +935,7 @@ class Pool:
                 multi = self._waiter
                 self._parked += 1
             try:
+                waited = True
                 await multi.wait()
             finally:
                 with self._mutex:

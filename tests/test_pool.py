@@ -1231,6 +1231,44 @@ async def test_retained_segment_stays_usable_when_sent_again() -> None:
             np.testing.assert_array_equal(a[:10], np.full(10, 3.0))
 
 
+@ASYNC
+@pytest.mark.timeout(60)
+async def test_await_is_a_checkpoint_in_a_cancelled_scope() -> None:
+    """Awaiting a result inside an already-cancelled scope is cancelled, whether the result is
+    pending or ready (an await is a checkpoint), and the pool stays usable."""
+    async with apool(1) as pool:
+        with anyio.fail_after(WAIT):
+            ready = pool.apply_async(targets.square, (3,))
+            assert await ready == 9
+            reached = []
+            for result in (ready, pool.apply_async(targets.square, (4,))):
+                with anyio.CancelScope() as scope:
+                    scope.cancel()
+                    await result
+                    reached.append(result)  # not reached: the await raised
+                assert scope.cancelled_caught
+            assert reached == []
+            assert await pool.apply_async(targets.square, (5,)) == 25
+
+
+@ASYNC
+@pytest.mark.timeout(60)
+async def test_a_long_task_brings_the_send_ahead_depth_back_to_the_minimum() -> None:
+    """Short tasks are sent ahead (how far depends on their speed: the benchmark shows it);
+    one task longer than the look-ahead budget brings the depth back to the minimum at once,
+    so at most a budget's worth of work waits behind an unexpectedly long task."""
+    from aioshm._apool import AHEAD, DEPTH, MAX_DEPTH
+
+    async with apool(1) as pool:
+        with anyio.fail_after(WAIT):
+            assert await pool.map_async(targets.square, range(400), chunksize=1) == [
+                i * i for i in range(400)
+            ]
+            assert DEPTH <= pool._depth <= MAX_DEPTH
+            assert await pool.apply_async(targets.slow_square, (2, 20 * AHEAD)) == 4
+            assert pool._depth == DEPTH
+
+
 # =========================================================================== no threads
 
 
