@@ -160,6 +160,7 @@ async def _recv_frame(conn: Connection) -> tuple[bytes, list[int]]:
     conn._check_readable()
     lock = locks_of(conn).read
     await anyio.lowlevel.checkpoint_if_cancelled()
+    tried = False
     if not lock.locked():
         got = _try_frame(conn)  # fast path: nothing awaits in between
         if got is not None:
@@ -169,13 +170,21 @@ async def _recv_frame(conn: Connection) -> tuple[bytes, list[int]]:
                 # the frame is ours: yield to other tasks without a cancellation point
                 await anyio.lowlevel.cancel_shielded_checkpoint()
             return got
+        tried = True
     conn._eager = 0
     async with lock:
-        while True:
+        # tried: the lock was free, and a free lock (fast_acquire) is taken without
+        # yielding, so the frame just tried for is still missing: wait first (a frame that
+        # came meanwhile makes the wait return at once)
+        if not tried:
             got = _try_frame(conn)
             if got is not None:
                 return got
+        while True:
             await _wait(conn, write=False)
+            got = _try_frame(conn)
+            if got is not None:
+                return got
 
 
 async def recv_async(conn: Connection) -> Any:
