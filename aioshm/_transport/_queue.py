@@ -118,21 +118,37 @@ async def get_async(q: Queue, block: bool, timeout: float | None) -> Any:
                 q._eager = 0
                 await anyio.lowlevel.cancel_shielded_checkpoint()
             return q._reader.decode(*got)
+        tried = True  # and the lock was free: taking it below does not yield
+    else:
+        tried = False
     q._eager = 0
     deadline = _deadline(block, timeout)
     waited = False
-    async with locks.read:
-        await anyio.lowlevel.checkpoint_if_cancelled()
+    lock = locks.read
+    if tried:
+        lock.acquire_nowait()  # free (checked above, nothing awaited since): no checkpoint
+    else:
+        await lock.acquire()
+        await anyio.lowlevel.checkpoint_if_cancelled()  # we queued for the lock
+    try:
         while True:
-            got = q._try_get()
-            if got is not None:
-                break
-            if q._is_shutdown():
-                raise QueueShutDown(f"Queue {q!r} is shut down and empty")
+            if not tried:
+                got = q._try_get()
+                if got is not None:
+                    break
+                # the wait watches the shutdown pipe too: check it first only after a wait
+                # (and before the first one, for a non-blocking get)
+                if (waited or deadline == -math.inf) and q._is_shutdown():
+                    raise QueueShutDown(f"Queue {q!r} is shut down and empty")
+            tried = False
             waiter = locks.wait_for("item", [(q._reader.fileno(), _IN), (q._shut_r, _IN)])
             if not await _wait_until(waiter, deadline):
+                if q._is_shutdown():
+                    raise QueueShutDown(f"Queue {q!r} is shut down and empty")
                 raise _queue.Empty
             waited = True
+    finally:
+        lock.release()
     if not waited:
         # the record is ours now: yield without a cancellation point, so it cannot be lost
         await anyio.lowlevel.cancel_shielded_checkpoint()
