@@ -270,15 +270,20 @@ class Queue:
         """
         self._check_closed()
         deadline = self._deadline(block, timeout)
+        waited = not block  # a non-blocking get checks for shutdown before giving up
         while True:
             got = self._try_get()
             if got is not None:
                 return self._reader.decode(*got)
-            if self._is_shutdown():
+            # the wait watches the shutdown pipe too: look at it only once a wait returned
+            if waited and self._is_shutdown():
                 raise QueueShutDown(f"Queue {self!r} is shut down and empty")
             ready = _wait_any([(self._reader.fileno(), _POLLIN), (self._shut_r, _POLLIN)], deadline)
             if not ready:
+                if self._is_shutdown():
+                    raise QueueShutDown(f"Queue {self!r} is shut down and empty")
                 raise _queue.Empty
+            waited = True
 
     def put_nowait(self, obj: Any) -> None:
         """``put(obj, False)``."""
