@@ -11,14 +11,17 @@ instead of a pipe, two locks and a feeder thread:
   a child before draining its queue cannot deadlock on a flush. The kernel buffer (a few MiB,
   about ten thousand items; large payloads are spilled to memfds) is the only buffer: an
   unbounded queue's ``put`` blocks only when that much is unconsumed;
-* ``maxsize`` is enforced with a token pipe holding one byte per free slot, and ``qsize()``
-  counts items with a second pipe (both approximate, as in the stdlib);
+* ``maxsize`` is enforced with a token pipe holding one byte per free slot; ``qsize()`` and
+  the shutdown flag live in a shared page (:class:`SharedCounts`) that puts and gets update
+  without a syscall (``qsize()`` is approximate, as in the stdlib); a second pipe wakes
+  waiters at shutdown;
 * ndarrays in shared memory travel as handles with their fds in the same record.
 """
 
 from __future__ import annotations
 
 import fcntl
+import mmap
 import multiprocessing
 import os
 import queue as _queue
@@ -32,7 +35,7 @@ from multiprocessing import context as _mp_context
 from typing import Any, Final
 
 from . import _reduction
-from ._connection import RecordChannel, record_pair
+from ._connection import record_pair
 from ._connection import wait_any as _wait_any
 from ._exceptions import QueueShutDown
 
@@ -69,7 +72,138 @@ def _pipe_size(fd: int) -> int:
     return int(struct.unpack("i", buf)[0])
 
 
-def _close_fds(channels: list[RecordChannel], fds: list[int]) -> None:
+# --------------------------------------------------------------------------- shared counts
+
+_HEADER: Final = 8  # int64 words before the slots: [0] shutdown flag, [2]/[3] shared slot
+_NSLOTS: Final = 508  # per-process (puts, gets) slots after the header: 8 KiB in all
+_COUNTS_BYTES: Final = 8 * (_HEADER + 2 * _NSLOTS)
+_LOCK_SHARED: Final = _NSLOTS  # the byte locked around updates of the shared slot
+_HAS_OFD: Final = hasattr(fcntl, "F_OFD_SETLK")
+_FLOCK: Final = struct.Struct("=hh4xqqi4x")  # struct flock on Linux
+_fork_generation = 0
+
+
+def _after_fork() -> None:
+    global _fork_generation
+    _fork_generation += 1
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork)
+
+
+def _lock_byte(fd: int, offset: int, *, wait: bool, unlock: bool = False) -> bool:
+    """Write-lock (or unlock) one byte of ``fd``; False if it is held elsewhere (no wait)."""
+    kind = fcntl.F_UNLCK if unlock else fcntl.F_WRLCK
+    try:
+        if _HAS_OFD:  # owned by the open file description: per process, dropped when it dies
+            cmd = fcntl.F_OFD_SETLKW if wait else fcntl.F_OFD_SETLK
+            fcntl.fcntl(fd, cmd, _FLOCK.pack(kind, os.SEEK_SET, offset, 1, 0))
+        else:  # pragma: no cover - macOS: classic per-process record locks
+            flags = fcntl.LOCK_UN if unlock else fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB)
+            fcntl.lockf(fd, flags, 1, offset)
+    except (BlockingIOError, PermissionError):
+        return False
+    return True
+
+
+class SharedCounts:
+    """A queue's item count and shutdown flag in one memfd every process maps: no syscall.
+
+    ``qsize()`` is Σ puts − Σ gets over per-process slots. A process updates only its own
+    slot, claimed with a write lock on one byte of the file through an open file description
+    of its own (the kernel drops it when the process dies; a process that takes over the
+    slot adds to its counts, which stay true), so plain 8-byte stores need no atomics. A
+    forked child claims a slot of its own before its first update. If every slot is taken,
+    updates go to a shared slot under a lock (correct, one syscall pair each).
+    """
+
+    __slots__ = ("_gen", "_lock_fd", "_map", "_slot", "_words", "fd")
+
+    def __init__(self, fd: int | None = None) -> None:
+        if fd is None:
+            if hasattr(os, "memfd_create"):
+                fd = os.memfd_create("queue-counts", os.MFD_CLOEXEC)
+            else:  # pragma: no cover - macOS
+                import tempfile
+
+                with tempfile.TemporaryFile() as f:
+                    fd = os.dup(f.fileno())
+            try:
+                os.ftruncate(fd, _COUNTS_BYTES)
+            except BaseException:
+                os.close(fd)
+                raise
+        self.fd = fd
+        self._map = mmap.mmap(fd, _COUNTS_BYTES)
+        self._words = memoryview(self._map).cast("q")
+        self._slot = 0  # index of our puts word; 0: not claimed yet
+        self._lock_fd = -1
+        self._gen = -1
+
+    def _claim(self) -> int:
+        if self._lock_fd >= 0:  # inherited across fork: the parent's, not ours
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+        self._gen = _fork_generation
+        try:
+            if _HAS_OFD:
+                self._lock_fd = os.open(f"/proc/self/fd/{self.fd}", os.O_RDWR | os.O_CLOEXEC)
+            else:  # pragma: no cover
+                self._lock_fd = os.dup(self.fd)
+        except OSError:
+            self._slot = 2  # no fd to lock with: the shared slot
+            return self._slot
+        for i in range(_NSLOTS):
+            if _lock_byte(self._lock_fd, i, wait=False):
+                self._slot = _HEADER + 2 * i
+                return self._slot
+        self._slot = 2
+        return self._slot
+
+    def _add(self, which: int) -> None:
+        slot = self._slot
+        if not slot or self._gen != _fork_generation:
+            slot = self._claim()
+        if slot == 2:
+            fd = self._lock_fd if self._lock_fd >= 0 else self.fd
+            _lock_byte(fd, _LOCK_SHARED, wait=True)
+            try:
+                self._words[slot + which] += 1
+            finally:
+                _lock_byte(fd, _LOCK_SHARED, wait=False, unlock=True)
+        else:
+            self._words[slot + which] += 1
+
+    def put_done(self) -> None:
+        self._add(0)
+
+    def got(self) -> None:
+        self._add(1)
+
+    def qsize(self) -> int:
+        words = self._words
+        return max(0, sum(words[2::2]) - sum(words[3::2]))
+
+    @property
+    def shut_down(self) -> bool:
+        return self._words[0] != 0
+
+    def shutdown(self) -> None:
+        self._words[0] = 1
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            self._words.release()
+            self._map.close()
+            os.close(self.fd)
+            self.fd = -1
+            if self._lock_fd >= 0:
+                os.close(self._lock_fd)
+                self._lock_fd = -1
+
+
+def _close_fds(channels: list[Any], fds: list[int]) -> None:
     for ch in channels:
         ch.close()
     for fd in fds:
@@ -98,31 +232,26 @@ class Queue:
         self._reader, self._writer = record_pair()
         bounded = maxsize <= _PIPE_MAX
         self._slots_r, self._slots_w = _token_pipe(maxsize) if bounded else (-1, -1)
-        self._count_r, self._count_w = _token_pipe(0)
-        self._shut_r, self._shut_w = _token_pipe(0)
+        self._counts = SharedCounts()
+        self._shut_r, self._shut_w = _token_pipe(0)  # wakes waiters (the flag is in _counts)
         self._closed = False
         self._after_init()
 
     def _fds(self) -> list[int]:
-        return [
-            self._slots_r,
-            self._slots_w,
-            self._count_r,
-            self._count_w,
-            self._shut_r,
-            self._shut_w,
-        ]
+        return [self._slots_r, self._slots_w, self._counts.fd, self._shut_r, self._shut_w]
 
     def _set_fds(self, fds: list[int]) -> None:
-        (self._slots_r, self._slots_w, self._count_r, self._count_w, self._shut_r, self._shut_w) = (
-            fds
-        )
+        self._slots_r, self._slots_w, counts_fd, self._shut_r, self._shut_w = fds
+        self._counts = SharedCounts(counts_fd)
 
     def _after_init(self) -> None:
         self._async_state: Any = None
         self._eager = 0
         self._finalizer = weakref.finalize(
-            self, _close_fds, [self._reader, self._writer], [fd for fd in self._fds() if fd >= 0]
+            self,
+            _close_fds,
+            [self._reader, self._writer, self._counts],
+            [fd for fd in self._fds() if fd >= 0 and fd != self._counts.fd],
         )
 
     def __repr__(self) -> str:
@@ -154,7 +283,7 @@ class Queue:
 
     # -- accounting -------------------------------------------------------------------------
     def _is_shutdown(self) -> bool:
-        return _pipe_size(self._shut_r) > 0
+        return self._counts.shut_down
 
     def _deadline(self, block: bool, timeout: float | None) -> float | None:
         if not block:
@@ -179,16 +308,10 @@ class Queue:
                 pass
 
     def _count_up(self) -> None:
-        try:
-            os.write(self._count_w, b"\0")
-        except BlockingIOError:
-            pass  # more than a pipe's worth of items: qsize() saturates
+        self._counts.put_done()
 
     def _count_down(self) -> None:
-        try:
-            os.read(self._count_r, 1)
-        except BlockingIOError:
-            pass
+        self._counts.got()
 
     def _check_closed(self) -> None:
         if self._closed:
@@ -296,7 +419,7 @@ class Queue:
     def qsize(self) -> int:
         """Approximate number of items in the queue."""
         self._check_closed()
-        return _pipe_size(self._count_r)
+        return self._counts.qsize()
 
     def empty(self) -> bool:
         """True if no item is waiting right now."""
@@ -314,6 +437,7 @@ class Queue:
         """Shut the queue down for every process: later puts raise
         :class:`~aioshm.QueueShutDown`; gets drain what is left, then raise it. Every task or
         thread waiting on the queue, in any process, wakes up."""
+        self._counts.shutdown()
         try:
             os.write(self._shut_w, b"\0")
         except BlockingIOError:
@@ -370,8 +494,8 @@ class JoinableQueue(Queue):
         return [*super()._fds(), self._tasks_r, self._tasks_w, self._done_r, self._done_w]
 
     def _set_fds(self, fds: list[int]) -> None:
-        super()._set_fds(fds[:6])
-        self._tasks_r, self._tasks_w, self._done_r, self._done_w = fds[6:]
+        super()._set_fds(fds[:5])
+        self._tasks_r, self._tasks_w, self._done_r, self._done_w = fds[5:]
 
     def _try_put(self, record: Any, fds: list[int], have_slot: bool) -> tuple[bool, bool]:
         # count the task before the item can be taken, so task_done() never runs ahead
