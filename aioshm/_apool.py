@@ -113,7 +113,7 @@ class AsyncResult:
 
     def __init__(
         self,
-        pool: Pool,
+        pool: PoolAPI,
         callback: Callable[[Any], object] | None = None,
         error_callback: Callable[[BaseException], object] | None = None,
     ) -> None:
@@ -123,7 +123,7 @@ class AsyncResult:
         self._value: Any = None
         self._error: BaseException | None = None
         self._ready = False
-        self._jobs: set[_Job] = set()
+        self._jobs: set[Any] = set()  # the pool's jobs for it
         self._waiters: list[_Waiter] = []  # tasks awaiting this result (not driving the pool)
 
     def ready(self) -> bool:
@@ -161,7 +161,7 @@ class AsyncResult:
         elif error is not None and self._error_callback is not None:
             self._error_callback(error)
 
-    def _job_done(self, job: _Job, value: Any, error: BaseException | None) -> None:
+    def _job_done(self, job: Any, value: Any, error: BaseException | None) -> None:
         self._jobs.discard(job)
         self._finish(value, error)
 
@@ -185,7 +185,7 @@ class MapResult(AsyncResult):
 
     def __init__(
         self,
-        pool: Pool,
+        pool: PoolAPI,
         nchunks: int,
         total: int,
         callback: Callable[[Any], object] | None,
@@ -202,7 +202,7 @@ class MapResult(AsyncResult):
         if nchunks == 0:
             self._finish([])
 
-    def _job_done(self, job: _Job, value: Any, error: BaseException | None) -> None:
+    def _job_done(self, job: Any, value: Any, error: BaseException | None) -> None:
         self._jobs.discard(job)
         if self._ready:
             return
@@ -244,7 +244,7 @@ class IMapIterator:
 
     def __init__(
         self,
-        pool: Pool,
+        pool: PoolAPI,
         fn: Callable[..., Any],
         iterable: Iterable[Any],
         chunksize: int,
@@ -464,10 +464,190 @@ class _Waiter:
         self.thread = threading.get_ident()
 
 
+class PoolAPI:
+    """The stdlib ``Pool`` methods and their awaitable forms, on a pool's ``_submit`` (shared by
+    :class:`Pool` and the Ray backend's pool)."""
+
+    _processes: int
+    #: ``imap``'s default bound on chunks in flight, per process of the pool
+    _IMAP_AHEAD = 2
+
+    # -- what a pool provides: the results and iterators drive it through these ---------------
+    def _check_running(self) -> None:
+        raise NotImplementedError
+
+    def _submit(
+        self,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwds: dict[str, Any],
+        result: AsyncResult,
+        index: int | None,
+        cancellable: bool = False,
+    ) -> None:
+        raise NotImplementedError
+
+    def _forget(self, job: Any) -> None:
+        """``job``'s result finished early (e.g. a map's first error): drop it if unsent."""
+        raise NotImplementedError
+
+    def _notify(self, waiter: _Waiter) -> None:
+        raise NotImplementedError
+
+    def _drive_until(self, done: Callable[[], bool], timeout: float | None) -> None:
+        raise NotImplementedError
+
+    async def _drive_until_async(
+        self, done: Callable[[], bool], result: AsyncResult | None = None
+    ) -> None:
+        raise NotImplementedError
+
+    async def _abandon(self, result: AsyncResult) -> None:
+        raise NotImplementedError
+
+    # -- the stdlib API -----------------------------------------------------------------------
+
+    def apply_async(
+        self,
+        func: Callable[..., Any],
+        args: Iterable[Any] = (),
+        kwds: dict[str, Any] | None = None,
+        callback: Callable[[Any], object] | None = None,
+        error_callback: Callable[[BaseException], object] | None = None,
+        *,
+        cancellable: bool = False,
+    ) -> AsyncResult:
+        """Submit ``func(*args, **kwds)``; ``await`` the result or call ``.get()``.
+
+        :param cancellable: if True, cancelling the task that awaits the result stops the
+            task: the worker running it is killed (terminate, grace period, kill) and
+            replaced (on Ray: the task is force-cancelled). Otherwise cancelling the await
+            leaves the task running and drops its result.
+        """
+        self._check_running()
+        result = AsyncResult(self, callback, error_callback)
+        self._submit(func, tuple(args), dict(kwds or {}), result, None, cancellable)
+        return result
+
+    def apply(
+        self, func: Callable[..., Any], args: Iterable[Any] = (), kwds: dict[str, Any] | None = None
+    ) -> Any:
+        """Blocking ``func(*args, **kwds)`` in a worker."""
+        return self.apply_async(func, args, kwds).get()
+
+    def _map_async(
+        self,
+        func: Callable[..., Any],
+        iterable: Iterable[Any],
+        chunksize: int | None,
+        callback: Callable[[Any], object] | None,
+        error_callback: Callable[[BaseException], object] | None,
+        star: bool,
+        on_progress: Callable[[ProgressEvent], object] | None,
+    ) -> MapResult:
+        self._check_running()
+        items = list(iterable)
+        if chunksize is None:
+            chunksize, extra = divmod(len(items), self._processes * 4)
+            if extra:
+                chunksize += 1
+        chunksize = max(1, chunksize)
+        chunks = [items[i : i + chunksize] for i in range(0, len(items), chunksize)]
+        result = MapResult(self, len(chunks), len(items), callback, error_callback, on_progress)
+        for index, chunk in enumerate(chunks):
+            self._submit(_run_chunk, (func, chunk, star), {}, result, index)
+        return result
+
+    def map_async(
+        self,
+        func: Callable[..., Any],
+        iterable: Iterable[Any],
+        chunksize: int | None = None,
+        callback: Callable[[Any], object] | None = None,
+        error_callback: Callable[[BaseException], object] | None = None,
+        *,
+        on_progress: Callable[[ProgressEvent], object] | None = None,
+    ) -> MapResult:
+        """``map`` that returns an awaitable :class:`MapResult` (with ``progress()`` events)."""
+        return self._map_async(
+            func, iterable, chunksize, callback, error_callback, False, on_progress
+        )
+
+    def starmap_async(
+        self,
+        func: Callable[..., Any],
+        iterable: Iterable[Iterable[Any]],
+        chunksize: int | None = None,
+        callback: Callable[[Any], object] | None = None,
+        error_callback: Callable[[BaseException], object] | None = None,
+        *,
+        on_progress: Callable[[ProgressEvent], object] | None = None,
+    ) -> MapResult:
+        """``starmap`` that returns an awaitable :class:`MapResult`."""
+        return self._map_async(
+            func, iterable, chunksize, callback, error_callback, True, on_progress
+        )
+
+    def map(
+        self, func: Callable[..., Any], iterable: Iterable[Any], chunksize: int | None = None
+    ) -> list[Any]:
+        """Blocking ``[func(x) for x in iterable]`` across the workers."""
+        return self.map_async(func, iterable, chunksize).get()  # type: ignore[no-any-return]
+
+    def starmap(
+        self,
+        func: Callable[..., Any],
+        iterable: Iterable[Iterable[Any]],
+        chunksize: int | None = None,
+    ) -> list[Any]:
+        """Blocking ``[func(*args) for args in iterable]`` across the workers."""
+        return self.starmap_async(func, iterable, chunksize).get()  # type: ignore[no-any-return]
+
+    def imap(
+        self,
+        func: Callable[..., Any],
+        iterable: Iterable[Any],
+        chunksize: int = 1,
+        *,
+        max_inflight: int | None = None,
+    ) -> IMapIterator:
+        """Lazy ordered results; ``for``/``async for``; at most ``max_inflight`` chunks ahead."""
+        self._check_running()
+        return IMapIterator(
+            self,
+            func,
+            iterable,
+            max(1, chunksize),
+            True,
+            False,
+            max_inflight or self._IMAP_AHEAD * self._processes,
+        )
+
+    def imap_unordered(
+        self,
+        func: Callable[..., Any],
+        iterable: Iterable[Any],
+        chunksize: int = 1,
+        *,
+        max_inflight: int | None = None,
+    ) -> IMapIterator:
+        """Like :meth:`imap`, in completion order."""
+        self._check_running()
+        return IMapIterator(
+            self,
+            func,
+            iterable,
+            max(1, chunksize),
+            False,
+            False,
+            max_inflight or self._IMAP_AHEAD * self._processes,
+        )
+
+
 # --------------------------------------------------------------------------- the pool
 
 
-class Pool:
+class Pool(PoolAPI):
     """A process pool: the stdlib ``multiprocessing.Pool`` API, awaitable, without threads.
 
     :param processes: number of workers (default ``os.cpu_count()``).
@@ -475,6 +655,8 @@ class Pool:
     :param maxtasksperchild: a worker is replaced after this many tasks.
     :param context: a start-method context or name (default: forkserver on Linux).
     """
+
+    _IMAP_AHEAD = 2 * DEPTH
 
     def __new__(cls, *args: Any, backend: Any = None, **kwargs: Any) -> Any:
         if backend is not None and getattr(backend, "name", "local") != "local":
@@ -981,142 +1163,7 @@ class Pool:
                 if self._parked:
                     self._wake()
 
-    # -- the stdlib API -------------------------------------------------------------------------
-    def apply_async(
-        self,
-        func: Callable[..., Any],
-        args: Iterable[Any] = (),
-        kwds: dict[str, Any] | None = None,
-        callback: Callable[[Any], object] | None = None,
-        error_callback: Callable[[BaseException], object] | None = None,
-        *,
-        cancellable: bool = False,
-    ) -> AsyncResult:
-        """Submit ``func(*args, **kwds)``; ``await`` the result or call ``.get()``.
-
-        :param cancellable: if True, cancelling the task that awaits the result kills the
-            worker running it (terminate, grace period, kill), which is then replaced.
-            Otherwise cancelling the await leaves the task running and drops its result.
-        """
-        self._check_running()
-        result = AsyncResult(self, callback, error_callback)
-        self._submit(func, tuple(args), dict(kwds or {}), result, None, cancellable)
-        return result
-
-    def apply(
-        self, func: Callable[..., Any], args: Iterable[Any] = (), kwds: dict[str, Any] | None = None
-    ) -> Any:
-        """Blocking ``func(*args, **kwds)`` in a worker."""
-        return self.apply_async(func, args, kwds).get()
-
-    def _map_async(
-        self,
-        func: Callable[..., Any],
-        iterable: Iterable[Any],
-        chunksize: int | None,
-        callback: Callable[[Any], object] | None,
-        error_callback: Callable[[BaseException], object] | None,
-        star: bool,
-        on_progress: Callable[[ProgressEvent], object] | None,
-    ) -> MapResult:
-        self._check_running()
-        items = list(iterable)
-        if chunksize is None:
-            chunksize, extra = divmod(len(items), self._processes * 4)
-            if extra:
-                chunksize += 1
-        chunksize = max(1, chunksize)
-        chunks = [items[i : i + chunksize] for i in range(0, len(items), chunksize)]
-        result = MapResult(self, len(chunks), len(items), callback, error_callback, on_progress)
-        for index, chunk in enumerate(chunks):
-            self._submit(_run_chunk, (func, chunk, star), {}, result, index)
-        return result
-
-    def map_async(
-        self,
-        func: Callable[..., Any],
-        iterable: Iterable[Any],
-        chunksize: int | None = None,
-        callback: Callable[[Any], object] | None = None,
-        error_callback: Callable[[BaseException], object] | None = None,
-        *,
-        on_progress: Callable[[ProgressEvent], object] | None = None,
-    ) -> MapResult:
-        """``map`` that returns an awaitable :class:`MapResult` (with ``progress()`` events)."""
-        return self._map_async(
-            func, iterable, chunksize, callback, error_callback, False, on_progress
-        )
-
-    def starmap_async(
-        self,
-        func: Callable[..., Any],
-        iterable: Iterable[Iterable[Any]],
-        chunksize: int | None = None,
-        callback: Callable[[Any], object] | None = None,
-        error_callback: Callable[[BaseException], object] | None = None,
-        *,
-        on_progress: Callable[[ProgressEvent], object] | None = None,
-    ) -> MapResult:
-        """``starmap`` that returns an awaitable :class:`MapResult`."""
-        return self._map_async(
-            func, iterable, chunksize, callback, error_callback, True, on_progress
-        )
-
-    def map(
-        self, func: Callable[..., Any], iterable: Iterable[Any], chunksize: int | None = None
-    ) -> list[Any]:
-        """Blocking ``[func(x) for x in iterable]`` across the workers."""
-        return self.map_async(func, iterable, chunksize).get()  # type: ignore[no-any-return]
-
-    def starmap(
-        self,
-        func: Callable[..., Any],
-        iterable: Iterable[Iterable[Any]],
-        chunksize: int | None = None,
-    ) -> list[Any]:
-        """Blocking ``[func(*args) for args in iterable]`` across the workers."""
-        return self.starmap_async(func, iterable, chunksize).get()  # type: ignore[no-any-return]
-
-    def imap(
-        self,
-        func: Callable[..., Any],
-        iterable: Iterable[Any],
-        chunksize: int = 1,
-        *,
-        max_inflight: int | None = None,
-    ) -> IMapIterator:
-        """Lazy ordered results; ``for``/``async for``; at most ``max_inflight`` chunks ahead."""
-        self._check_running()
-        return IMapIterator(
-            self,
-            func,
-            iterable,
-            chunksize,
-            True,
-            False,
-            max_inflight or 2 * DEPTH * self._processes,
-        )
-
-    def imap_unordered(
-        self,
-        func: Callable[..., Any],
-        iterable: Iterable[Any],
-        chunksize: int = 1,
-        *,
-        max_inflight: int | None = None,
-    ) -> IMapIterator:
-        """Like :meth:`imap`, in completion order."""
-        self._check_running()
-        return IMapIterator(
-            self,
-            func,
-            iterable,
-            chunksize,
-            False,
-            False,
-            max_inflight or 2 * DEPTH * self._processes,
-        )
-
+    # -- closing --------------------------------------------------------------------------------
     def close(self) -> None:
         """Accept no more work; workers exit once the submitted work is done."""
         with self._mutex:

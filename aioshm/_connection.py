@@ -412,15 +412,27 @@ def _recv_buffer() -> memoryview:
     return buf
 
 
-def _spill(data: bytes | bytearray | memoryview) -> int:
-    """An unlinked memfd (or temp file) holding ``data``, positioned at 0."""
+def anon_fd(name: str, size: int = 0) -> int:
+    """A close-on-exec memfd (an unlinked temp file off Linux) of ``size`` bytes."""
     if hasattr(os, "memfd_create"):
-        fd = os.memfd_create("aioshm-spill", os.MFD_CLOEXEC)
+        fd = os.memfd_create(name, os.MFD_CLOEXEC)
     else:  # pragma: no cover - macOS
         import tempfile
 
         with tempfile.TemporaryFile() as tmp:
             fd = os.dup(tmp.fileno())
+    if size:
+        try:
+            os.ftruncate(fd, size)
+        except BaseException:
+            os.close(fd)
+            raise
+    return fd
+
+
+def _spill(data: bytes | bytearray | memoryview) -> int:
+    """An unlinked memfd (or temp file) holding ``data``, positioned at 0."""
+    fd = anon_fd("aioshm-spill")
     try:
         view = memoryview(data)
         while view:

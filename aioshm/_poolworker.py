@@ -33,7 +33,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import _procutil
-from ._connection import RecordChannel
+from ._connection import RecordChannel, anon_fd
 from ._shm import _segment
 
 __all__ = ("SWEEP", "TaskCounter", "worker_main")
@@ -49,18 +49,7 @@ class TaskCounter:
 
     def __init__(self, fd: int | None = None) -> None:
         if fd is None:
-            if hasattr(os, "memfd_create"):
-                fd = os.memfd_create("aioshm-pool-counter", os.MFD_CLOEXEC)
-            else:  # pragma: no cover - macOS
-                import tempfile
-
-                with tempfile.TemporaryFile() as f:
-                    fd = os.dup(f.fileno())
-            try:
-                os.ftruncate(fd, mmap.PAGESIZE)
-            except BaseException:
-                os.close(fd)
-                raise
+            fd = anon_fd("aioshm-pool-counter", mmap.PAGESIZE)
         self._fd = fd
         self._map = mmap.mmap(fd, mmap.PAGESIZE)
         self._view = memoryview(self._map).cast("Q")

@@ -35,7 +35,7 @@ from multiprocessing import context as _mp_context
 from typing import Any, Final
 
 from . import _reduction
-from ._connection import record_pair
+from ._connection import anon_fd, record_pair
 from ._connection import wait_any as _wait_any
 from ._exceptions import QueueShutDown
 
@@ -122,18 +122,7 @@ class SharedCounts:
 
     def __init__(self, fd: int | None = None) -> None:
         if fd is None:
-            if hasattr(os, "memfd_create"):
-                fd = os.memfd_create("queue-counts", os.MFD_CLOEXEC)
-            else:  # pragma: no cover - macOS
-                import tempfile
-
-                with tempfile.TemporaryFile() as f:
-                    fd = os.dup(f.fileno())
-            try:
-                os.ftruncate(fd, _COUNTS_BYTES)
-            except BaseException:
-                os.close(fd)
-                raise
+            fd = anon_fd("queue-counts", _COUNTS_BYTES)
         self.fd = fd
         self._map = mmap.mmap(fd, _COUNTS_BYTES)
         self._words = memoryview(self._map).cast("q")

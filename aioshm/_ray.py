@@ -87,9 +87,7 @@ import collections
 import concurrent.futures as cf
 import contextlib
 import importlib
-import itertools
 import math
-import multiprocessing
 import os
 import re
 import shutil
@@ -100,7 +98,7 @@ import time
 import types
 import uuid
 import weakref
-from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
@@ -109,6 +107,7 @@ import anyio
 import anyio.lowlevel
 import numpy as np
 
+from ._apool import AsyncResult, PoolAPI
 from ._exceptions import (
     PoolClosed,
     ProcessExitedException,
@@ -165,12 +164,6 @@ def _pool_invoke(
         _initialized_pools.add(pool_id)
         initializer(*initargs)
     return fn(*args, **kwargs)
-
-
-def _run_chunk(fn: Callable[..., Any], chunk: list[Any], star: bool) -> list[Any]:
-    if star:
-        return [fn(*args) for args in chunk]
-    return [fn(x) for x in chunk]
 
 
 _invoke_remote: Any = ray.remote(**_TASK_OPTIONS)(_invoke)
@@ -848,7 +841,7 @@ class _Job:
         fn: Callable[..., Any],
         args: tuple[Any, ...],
         kwds: dict[str, Any],
-        result: RayAsyncResult,
+        result: AsyncResult,
         index: int | None,
         cancellable: bool,
     ) -> None:
@@ -860,220 +853,10 @@ class _Job:
         self.future: cf.Future[Any] | None = None
 
 
-class RayAsyncResult:
-    """The stdlib ``AsyncResult`` (``get``, ``wait``, ``ready``, ``successful``), awaitable."""
-
-    def __init__(
-        self,
-        pool: RayPool,
-        callback: Callable[[Any], object] | None = None,
-        error_callback: Callable[[BaseException], object] | None = None,
-    ) -> None:
-        self._pool = pool
-        self._callback = callback
-        self._error_callback = error_callback
-        self._value: Any = None
-        self._error: BaseException | None = None
-        self._ready = False
-        self._jobs: set[_Job] = set()
-
-    def ready(self) -> bool:
-        return self._ready
-
-    def successful(self) -> bool:
-        if not self._ready:
-            raise ValueError(f"{self!r} not ready")
-        return self._error is None
-
-    def wait(self, timeout: float | None = None) -> None:
-        """Block until ready or ``timeout`` passes (not on an event loop)."""
-        self._pool._drive_until(self.ready, timeout)
-
-    def get(self, timeout: float | None = None) -> Any:
-        """Block for the value (``ray.get`` semantics); ``multiprocessing.TimeoutError``."""
-        self.wait(timeout)
-        if not self._ready:
-            raise multiprocessing.TimeoutError
-        if self._error is not None:
-            raise self._error
-        return self._value
-
-    def _finish(self, value: Any = None, error: BaseException | None = None) -> None:
-        if self._ready:
-            return
-        self._value, self._error, self._ready = value, error, True
-        self._jobs.clear()
-        if error is None and self._callback is not None:
-            self._callback(value)
-        elif error is not None and self._error_callback is not None:
-            self._error_callback(error)
-
-    def _job_done(self, job: _Job, value: Any, error: BaseException | None) -> None:
-        self._jobs.discard(job)
-        self._finish(value, error)
-
-    def __await__(self) -> Generator[Any, None, Any]:
-        return self._await().__await__()
-
-    async def _await(self) -> Any:
-        try:
-            await self._pool._drive_until_async(self.ready)
-        except BaseException:
-            if not self._ready:
-                await self._pool._abandon(self)
-            raise
-        if self._error is not None:
-            raise self._error
-        return self._value
+RayAsyncResult = AsyncResult  # the results and iterators are the local pool's
 
 
-class RayMapResult(RayAsyncResult):
-    """The result of ``map_async``/``starmap_async``: one Ray task per chunk."""
-
-    def __init__(
-        self,
-        pool: RayPool,
-        nchunks: int,
-        callback: Callable[[Any], object] | None,
-        error_callback: Callable[[BaseException], object] | None,
-    ) -> None:
-        super().__init__(pool, callback, error_callback)
-        self._chunks: list[list[Any] | None] = [None] * nchunks
-        self._left = nchunks
-        if nchunks == 0:
-            self._finish([])
-
-    def _job_done(self, job: _Job, value: Any, error: BaseException | None) -> None:
-        self._jobs.discard(job)
-        if self._ready:
-            return
-        if error is not None:
-            self._finish(None, error)
-            return
-        assert job.index is not None
-        self._chunks[job.index] = value
-        self._left -= 1
-        if self._left == 0:
-            self._finish([x for chunk in self._chunks for x in chunk or ()])
-
-
-@dataclass
-class _Raise:
-    error: BaseException
-
-
-def _chunks(iterable: Iterable[Any], size: int) -> Iterator[list[Any]]:
-    it = iter(iterable)
-    while True:
-        chunk = list(itertools.islice(it, size))
-        if not chunk:
-            return
-        yield chunk
-
-
-class RayIMapIterator:
-    """``imap``/``imap_unordered`` on Ray: lazy, ``for`` and ``async for``."""
-
-    def __init__(
-        self,
-        pool: RayPool,
-        fn: Callable[..., Any],
-        iterable: Iterable[Any],
-        chunksize: int,
-        ordered: bool,
-        max_inflight: int,
-    ) -> None:
-        self._pool = pool
-        self._fn = fn
-        self._source = _chunks(iterable, max(1, chunksize))
-        self._ordered = ordered
-        self._max_inflight = max(1, max_inflight)
-        self._next_index = 0
-        self._submitted = 0
-        self._inflight: dict[int, RayAsyncResult] = {}
-        self._done: dict[int, RayAsyncResult] = {}
-        self._buffer: collections.deque[Any] = collections.deque()
-        self._exhausted = False
-
-    def _fill(self) -> None:
-        while not self._exhausted and len(self._inflight) + len(self._done) < self._max_inflight:
-            try:
-                chunk = next(self._source)
-            except StopIteration:
-                self._exhausted = True
-                return
-            result = RayAsyncResult(self._pool)
-            self._inflight[self._submitted] = result
-            self._submitted += 1
-            self._pool._submit(_run_chunk, (self._fn, chunk, False), {}, result, None)
-
-    def _collect(self) -> bool:
-        for index, result in list(self._inflight.items()):
-            if result.ready():
-                del self._inflight[index]
-                self._done[index] = result
-        if self._ordered:
-            while self._next_index in self._done:
-                self._emit(self._done.pop(self._next_index))
-                self._next_index += 1
-        else:
-            for index in list(self._done):
-                self._emit(self._done.pop(index))
-        return bool(self._buffer)
-
-    def _emit(self, result: RayAsyncResult) -> None:
-        if result._error is not None:
-            self._buffer.append(_Raise(result._error))
-        else:
-            self._buffer.extend(result._value)
-
-    def _finished(self) -> bool:
-        return self._exhausted and not self._inflight and not self._done
-
-    def _pop(self) -> Any:
-        item = self._buffer.popleft()
-        if isinstance(item, _Raise):
-            raise item.error
-        return item
-
-    def __iter__(self) -> Self:
-        return self
-
-    def __next__(self) -> Any:
-        return self.next()
-
-    def next(self, timeout: float | None = None) -> Any:
-        self._fill()
-        if not self._collect():
-            if self._finished():
-                raise StopIteration
-            self._pool._drive_until(lambda: self._collect() or self._finished(), timeout)
-            if not self._buffer:
-                if self._finished():
-                    raise StopIteration
-                raise multiprocessing.TimeoutError
-        value = self._pop()
-        self._fill()
-        return value
-
-    def __aiter__(self) -> Self:
-        return self
-
-    async def __anext__(self) -> Any:
-        self._fill()
-        if not self._collect():
-            if self._finished():
-                raise StopAsyncIteration
-            await self._pool._drive_until_async(lambda: self._collect() or self._finished())
-            if not self._buffer:
-                raise StopAsyncIteration
-        value = self._pop()
-        self._fill()
-        await anyio.lowlevel.checkpoint()
-        return value
-
-
-class RayPool:
+class RayPool(PoolAPI):
     """``aioshm.Pool``'s face on Ray: at most ``processes`` tasks in flight.
 
     Whoever waits drives the pool (as locally): an awaiting task or a blocking ``get`` takes
@@ -1125,7 +908,7 @@ class RayPool:
         fn: Callable[..., Any],
         args: tuple[Any, ...],
         kwds: dict[str, Any],
-        result: RayAsyncResult,
+        result: AsyncResult,
         index: int | None,
         cancellable: bool = False,
     ) -> None:
@@ -1191,7 +974,18 @@ class RayPool:
                 return_when=cf.FIRST_COMPLETED,
             )
 
-    async def _drive_until_async(self, done: Callable[[], bool]) -> None:
+    def _forget(self, job: _Job) -> None:
+        """``job``'s result finished early (a map's first error): drop it if not sent."""
+        with self._mutex:
+            if job.ref is None and job in self._pending:
+                self._pending.remove(job)
+
+    def _notify(self, waiter: Any) -> None:  # no task waits on a result here but the driver
+        waiter.event.set()
+
+    async def _drive_until_async(
+        self, done: Callable[[], bool], result: AsyncResult | None = None
+    ) -> None:
         await anyio.lowlevel.checkpoint_if_cancelled()
         while True:
             self._step()
@@ -1204,7 +998,7 @@ class RayPool:
                 return
             await wait_futures(futures, any_done=True)
 
-    async def _abandon(self, result: RayAsyncResult) -> None:
+    async def _abandon(self, result: AsyncResult) -> None:
         """The awaiting task was cancelled before ``result`` was ready."""
         with self._mutex:
             jobs = list(result._jobs)
@@ -1220,120 +1014,7 @@ class RayPool:
         self._step()
         result._finish(None, TaskCancelled("the awaiting task was cancelled; the task was stopped"))
 
-    # -- the stdlib API ---------------------------------------------------------------------------
-    def apply_async(
-        self,
-        func: Callable[..., Any],
-        args: Iterable[Any] = (),
-        kwds: dict[str, Any] | None = None,
-        callback: Callable[[Any], object] | None = None,
-        error_callback: Callable[[BaseException], object] | None = None,
-        *,
-        cancellable: bool = False,
-    ) -> RayAsyncResult:
-        """Submit ``func(*args, **kwds)``; ``await`` the result or call ``.get()``.
-
-        :param cancellable: if True, cancelling the task awaiting the result force-cancels the
-            Ray task (its worker is killed and replaced); otherwise the task runs on.
-        """
-        self._check_running()
-        result = RayAsyncResult(self, callback, error_callback)
-        self._submit(func, tuple(args), dict(kwds or {}), result, None, cancellable)
-        return result
-
-    def apply(
-        self, func: Callable[..., Any], args: Iterable[Any] = (), kwds: dict[str, Any] | None = None
-    ) -> Any:
-        """Blocking ``func(*args, **kwds)`` as a Ray task."""
-        return self.apply_async(func, args, kwds).get()
-
-    def _map_async(
-        self,
-        func: Callable[..., Any],
-        iterable: Iterable[Any],
-        chunksize: int | None,
-        callback: Callable[[Any], object] | None,
-        error_callback: Callable[[BaseException], object] | None,
-        star: bool,
-    ) -> RayMapResult:
-        self._check_running()
-        items = list(iterable)
-        if chunksize is None:
-            chunksize, extra = divmod(len(items), self._processes * 4)
-            if extra:
-                chunksize += 1
-        chunksize = max(1, chunksize)
-        chunks = [items[i : i + chunksize] for i in range(0, len(items), chunksize)]
-        result = RayMapResult(self, len(chunks), callback, error_callback)
-        for index, chunk in enumerate(chunks):
-            self._submit(_run_chunk, (func, chunk, star), {}, result, index)
-        return result
-
-    def map_async(
-        self,
-        func: Callable[..., Any],
-        iterable: Iterable[Any],
-        chunksize: int | None = None,
-        callback: Callable[[Any], object] | None = None,
-        error_callback: Callable[[BaseException], object] | None = None,
-    ) -> RayMapResult:
-        """``map`` that returns an awaitable result."""
-        return self._map_async(func, iterable, chunksize, callback, error_callback, False)
-
-    def starmap_async(
-        self,
-        func: Callable[..., Any],
-        iterable: Iterable[Iterable[Any]],
-        chunksize: int | None = None,
-        callback: Callable[[Any], object] | None = None,
-        error_callback: Callable[[BaseException], object] | None = None,
-    ) -> RayMapResult:
-        """``starmap`` that returns an awaitable result."""
-        return self._map_async(func, iterable, chunksize, callback, error_callback, True)
-
-    def map(
-        self, func: Callable[..., Any], iterable: Iterable[Any], chunksize: int | None = None
-    ) -> list[Any]:
-        """Blocking ``[func(x) for x in iterable]`` as Ray tasks."""
-        return self.map_async(func, iterable, chunksize).get()  # type: ignore[no-any-return]
-
-    def starmap(
-        self,
-        func: Callable[..., Any],
-        iterable: Iterable[Iterable[Any]],
-        chunksize: int | None = None,
-    ) -> list[Any]:
-        """Blocking ``[func(*args) for args in iterable]`` as Ray tasks."""
-        return self.starmap_async(func, iterable, chunksize).get()  # type: ignore[no-any-return]
-
-    def imap(
-        self,
-        func: Callable[..., Any],
-        iterable: Iterable[Any],
-        chunksize: int = 1,
-        *,
-        max_inflight: int | None = None,
-    ) -> RayIMapIterator:
-        """Lazy ordered results; ``for``/``async for``; at most ``max_inflight`` chunks ahead."""
-        self._check_running()
-        return RayIMapIterator(
-            self, func, iterable, chunksize, True, max_inflight or 2 * self._processes
-        )
-
-    def imap_unordered(
-        self,
-        func: Callable[..., Any],
-        iterable: Iterable[Any],
-        chunksize: int = 1,
-        *,
-        max_inflight: int | None = None,
-    ) -> RayIMapIterator:
-        """Like :meth:`imap`, in completion order."""
-        self._check_running()
-        return RayIMapIterator(
-            self, func, iterable, chunksize, False, max_inflight or 2 * self._processes
-        )
-
+    # -- closing ----------------------------------------------------------------------------------
     def close(self) -> None:
         """Accept no more work; :meth:`join` waits for the submitted work."""
         with self._mutex:
