@@ -505,7 +505,46 @@ class PoolAPI:
     async def _abandon(self, result: AsyncResult) -> None:
         raise NotImplementedError
 
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def terminate(self) -> None:
+        raise NotImplementedError
+
+    async def join_async(self) -> None:
+        raise NotImplementedError
+
+    async def terminate_async(self) -> None:
+        raise NotImplementedError
+
     # -- the stdlib API -----------------------------------------------------------------------
+    def __enter__(self) -> Self:
+        self._check_running()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.terminate()  # the stdlib's context manager terminates
+
+    async def __aenter__(self) -> Self:
+        self._check_running()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Close and join without blocking the loop; terminate on error or cancellation."""
+        if exc_type is None:
+            self.close()
+            try:
+                await self.join_async()
+            except BaseException:
+                await self.terminate_async()
+                raise
+        else:
+            await self.terminate_async()
 
     def apply_async(
         self,
@@ -1242,34 +1281,6 @@ class Pool(PoolAPI):
             os.close(self._wake_r)
             os.close(self._wake_w)
             self._wake_r = self._wake_w = -1
-
-    def __enter__(self) -> Self:
-        self._check_running()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.terminate()  # the stdlib's context manager terminates
-
-    async def __aenter__(self) -> Self:
-        self._check_running()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        """Close and join without blocking the loop; terminate on error or cancellation."""
-        if exc_type is None:
-            self.close()
-            try:
-                await self.join_async()
-            except BaseException:
-                await self.terminate_async()
-                raise
-        else:
-            await self.terminate_async()
 
     def statistics(self) -> PoolStatistics:
         """Idle and busy workers, tasks pending/running/done, live shared segments and bytes."""

@@ -1054,34 +1054,6 @@ class RayPool(PoolAPI):
             raise ValueError("Pool is still running")
         await self._drive_until_async(lambda: not self._pending and not self._running)
 
-    def __enter__(self) -> Self:
-        self._check_running()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.terminate()
-
-    async def __aenter__(self) -> Self:
-        self._check_running()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        """Close and join; terminate on error or cancellation."""
-        if exc_type is None:
-            self.close()
-            try:
-                await self.join_async()
-            except BaseException:
-                await self.terminate_async()
-                raise
-        else:
-            await self.terminate_async()
-
 
 # --------------------------------------------------------------------------- queue
 
