@@ -651,16 +651,7 @@ class PoolAPI:
         max_inflight: int | None = None,
     ) -> IMapIterator:
         """Lazy ordered results; ``for``/``async for``; at most ``max_inflight`` chunks ahead."""
-        self._check_running()
-        return IMapIterator(
-            self,
-            func,
-            iterable,
-            max(1, chunksize),
-            True,
-            False,
-            max_inflight or self._IMAP_AHEAD * self._processes,
-        )
+        return self._imap(func, iterable, chunksize, True, max_inflight)
 
     def imap_unordered(
         self,
@@ -671,16 +662,19 @@ class PoolAPI:
         max_inflight: int | None = None,
     ) -> IMapIterator:
         """Like :meth:`imap`, in completion order."""
+        return self._imap(func, iterable, chunksize, False, max_inflight)
+
+    def _imap(
+        self,
+        func: Callable[..., Any],
+        iterable: Iterable[Any],
+        chunksize: int,
+        ordered: bool,
+        max_inflight: int | None,
+    ) -> IMapIterator:
         self._check_running()
-        return IMapIterator(
-            self,
-            func,
-            iterable,
-            max(1, chunksize),
-            False,
-            False,
-            max_inflight or self._IMAP_AHEAD * self._processes,
-        )
+        ahead = max_inflight or self._IMAP_AHEAD * self._processes
+        return IMapIterator(self, func, iterable, max(1, chunksize), ordered, False, ahead)
 
 
 # --------------------------------------------------------------------------- the pool
