@@ -69,6 +69,34 @@ def test_queue_consumer(tmp_path: Path) -> None:
     assert out.rstrip().endswith("checksums match"), out
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_demo_main_job(tmp_path: Path, backend: str) -> None:
+    """``python -m aioshm demo`` (the README's main job) runs end to end, checks every result
+    and reports both pipelines."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "aioshm", "demo", "--frames", "16", "--backend", backend],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=100,
+        check=False,
+    )
+    out = proc.stdout
+    assert proc.returncode == 0, f"demo exited {proc.returncode}\n{out}\n{proc.stderr}"
+    assert (
+        f"16 frames of 2048x2048 float32 (256 MiB in all) through 2 worker processes, on {backend}"
+        in out
+    )
+    assert re.search(
+        r"^  aioshm \(shared-memory handles\) +[0-9.]+ +[0-9]+ +[0-9.]+$", out, re.MULTILINE
+    ), out
+    assert re.search(
+        r"^  stdlib multiprocessing \(pickled\) +[0-9.]+ +[0-9]+ +[0-9.]+$", out, re.MULTILINE
+    ), out
+    assert "every result checked" in out, out
+
+
 # --------------------------------------------------------------------------- HTTP service
 
 N = 300  # matrix size of a /svd request
