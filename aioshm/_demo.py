@@ -36,7 +36,9 @@ def _aioshm_worker(rank: int, inq: Any, outq: Any, ring: list[np.ndarray]) -> in
     ``ring`` is held for the whole run: its segments stay mapped here, so every frame that
     arrives through the queue is a view of memory this process has already mapped (a segment
     received again is mapped once per process), with no page faults to pay per frame."""
-    assert all(aioshm_is_shared(slot) for slot in ring)
+    import aioshm
+
+    assert all(aioshm.is_shared(slot) for slot in ring)
     done = 0
     while True:
         item = inq.get()
@@ -45,12 +47,6 @@ def _aioshm_worker(rank: int, inq: Any, outq: Any, ring: list[np.ndarray]) -> in
         index, frame = item
         outq.put((index, rank, _normalise(frame)))
         done += 1
-
-
-def aioshm_is_shared(a: np.ndarray) -> bool:
-    import aioshm
-
-    return aioshm.is_shared(a)
 
 
 def _stdlib_worker(inq: Any, outq: Any) -> None:

@@ -38,6 +38,7 @@ from . import _reduction
 from ._connection import anon_fd, record_pair
 from ._connection import wait_any as _wait_any
 from ._exceptions import QueueShutDown
+from ._shm._segment import HAS_OFD, ofd_lock_byte
 
 __all__ = ("JoinableQueue", "Queue", "SimpleQueue")
 
@@ -78,8 +79,6 @@ _HEADER: Final = 8  # int64 words before the slots: [0] shutdown flag, [2]/[3] s
 _NSLOTS: Final = 508  # per-process (puts, gets) slots after the header: 8 KiB in all
 _COUNTS_BYTES: Final = 8 * (_HEADER + 2 * _NSLOTS)
 _LOCK_SHARED: Final = _NSLOTS  # the byte locked around updates of the shared slot
-_HAS_OFD: Final = hasattr(fcntl, "F_OFD_SETLK")
-_FLOCK: Final = struct.Struct("=hh4xqqi4x")  # struct flock on Linux
 _fork_generation = 0
 
 
@@ -94,14 +93,12 @@ if hasattr(os, "register_at_fork"):
 
 def _lock_byte(fd: int, offset: int, *, wait: bool, unlock: bool = False) -> bool:
     """Write-lock (or unlock) one byte of ``fd``; False if it is held elsewhere (no wait)."""
-    kind = fcntl.F_UNLCK if unlock else fcntl.F_WRLCK
+    if HAS_OFD:  # owned by the open file description: per process, dropped when it dies
+        return ofd_lock_byte(fd, fcntl.F_UNLCK if unlock else fcntl.F_WRLCK, offset, wait=wait)
+    # macOS: classic per-process record locks
+    flags = fcntl.LOCK_UN if unlock else fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB)
     try:
-        if _HAS_OFD:  # owned by the open file description: per process, dropped when it dies
-            cmd = fcntl.F_OFD_SETLKW if wait else fcntl.F_OFD_SETLK
-            fcntl.fcntl(fd, cmd, _FLOCK.pack(kind, os.SEEK_SET, offset, 1, 0))
-        else:  # pragma: no cover - macOS: classic per-process record locks
-            flags = fcntl.LOCK_UN if unlock else fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB)
-            fcntl.lockf(fd, flags, 1, offset)
+        fcntl.lockf(fd, flags, 1, offset)
     except (BlockingIOError, PermissionError):
         return False
     return True
@@ -136,7 +133,7 @@ class SharedCounts:
             self._lock_fd = -1
         self._gen = _fork_generation
         try:
-            if _HAS_OFD:
+            if HAS_OFD:
                 self._lock_fd = os.open(f"/proc/self/fd/{self.fd}", os.O_RDWR | os.O_CLOEXEC)
             else:  # pragma: no cover
                 self._lock_fd = os.dup(self.fd)

@@ -49,6 +49,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import _bench_targets as targets
+from _bench_report import per_rep_ratio, verdict
 
 import aioshm
 
@@ -393,15 +394,6 @@ async def measure(
     for key, err in errors.items():
         print(f"  {key}: FAILED: {err}", flush=True)
     return samples, cpu
-
-
-def per_rep_ratio(num: list[float], den: list[float]) -> float:
-    pairs = [a / b for a, b in zip(num, den, strict=False) if b > 0]
-    return statistics.median(pairs) if pairs else float("nan")
-
-
-def verdict(ok: bool) -> str:
-    return "PASS" if ok else "FAIL"
 
 
 def report(samples: dict[str, list[float]], cpu: dict[str, list[float]], n: int, reps: int) -> None:

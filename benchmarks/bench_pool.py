@@ -67,6 +67,7 @@ from typing import Any
 import _bench_targets as targets
 import anyio
 import anyio.to_process
+from _bench_report import per_rep_ratio, verdict
 
 import aioshm
 
@@ -268,15 +269,6 @@ async def measure(
 
 
 # --------------------------------------------------------------------------- reporting
-
-
-def per_rep_ratio(num: list[float], den: list[float]) -> float:
-    pairs = [a / b for a, b in zip(num, den, strict=False) if b > 0]
-    return statistics.median(pairs) if pairs else float("nan")
-
-
-def verdict(ok: bool) -> str:
-    return "PASS" if ok else "FAIL"
 
 
 def report(samples: dict[str, list[float]], cpu: dict[str, list[float]], n: int, reps: int) -> None:

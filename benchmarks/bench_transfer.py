@@ -51,6 +51,7 @@ from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 import numpy as np
+from _bench_report import verdict
 
 import aioshm as _aioshm_top
 import aioshm.multiprocessing as amp
@@ -442,10 +443,6 @@ def fmt_ms(v: float | None) -> str:
     if v >= 1:
         return f"{v:.2f}"
     return f"{v:.3f}"
-
-
-def verdict(ok: bool) -> str:
-    return "PASS" if ok else "FAIL"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -85,7 +85,7 @@ _NAME_RE: Final = re.compile(
     r"aioshm_(\d{1,10})_[0-9a-f]{16}(\.t(\d{1,10})_[0-9a-f]{16})?", re.ASCII
 )
 _HAS_MEMFD: Final = hasattr(os, "memfd_create") and sys.platform.startswith("linux")
-_HAS_OFD: Final = hasattr(fcntl, "F_OFD_SETLK")
+HAS_OFD: Final = hasattr(fcntl, "F_OFD_SETLK")
 _F_SEAL_FUTURE_WRITE: Final = getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x0010)
 _FLOCK: Final = struct.Struct("=hh4xqqi4x")  # struct flock on Linux (l_pid must be 0 for OFD locks)
 
@@ -149,17 +149,23 @@ def set_pool_limit(nbytes: int) -> None:
 # --------------------------------------------------------------------------- locks
 
 
+def ofd_lock_byte(fd: int, kind: int, offset: int, *, wait: bool = False) -> bool:
+    """Set (or, with ``F_UNLCK``, drop) an open-file-description lock on one byte of ``fd``;
+    False if it conflicts (non-blocking). Linux only (``HAS_OFD``)."""
+    cmd = fcntl.F_OFD_SETLKW if wait else fcntl.F_OFD_SETLK
+    try:
+        fcntl.fcntl(fd, cmd, _FLOCK.pack(kind, os.SEEK_SET, offset, 1, 0))
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EACCES):
+            return False
+        raise
+    return True
+
+
 def _ofd_lock(fd: int, kind: int, *, wait: bool = False) -> bool:
     """Set an open-file-description lock on byte 0; False if it conflicts (non-blocking)."""
-    if _HAS_OFD:
-        cmd = fcntl.F_OFD_SETLKW if wait else fcntl.F_OFD_SETLK
-        try:
-            fcntl.fcntl(fd, cmd, _FLOCK.pack(kind, os.SEEK_SET, 0, 1, 0))
-        except OSError as exc:
-            if exc.errno in (errno.EAGAIN, errno.EACCES):
-                return False
-            raise
-        return True
+    if HAS_OFD:
+        return ofd_lock_byte(fd, kind, 0, wait=wait)
     # macOS and other platforms without OFD locks: flock() is per open file description too
     op = {fcntl.F_RDLCK: fcntl.LOCK_SH, fcntl.F_WRLCK: fcntl.LOCK_EX, fcntl.F_UNLCK: fcntl.LOCK_UN}
     try:
@@ -520,12 +526,6 @@ def sweep_retained(*, everything: bool = False) -> int:
                 continue
         seg.close()
     return kept
-
-
-def has_retained() -> bool:
-    """True if some received segment is kept mapped without a local view."""
-    with _lock:
-        return any(not s.pooled for s in _idle.values())
 
 
 def set_close_hook(hook: Callable[[], object] | None) -> None:
