@@ -90,6 +90,7 @@ import importlib
 import math
 import os
 import re
+import select
 import shutil
 import signal
 import tempfile
@@ -436,15 +437,46 @@ def _alive(procs: set[tuple[int, str]]) -> set[tuple[int, str]]:
     return alive
 
 
-def _reap_children() -> None:
-    """Reap our own exited children (Ray's daemons are direct children of the driver)."""
-    while True:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
+def _reap(procs: set[tuple[int, str]]) -> None:
+    """Collect the exit status of those of ``procs`` that are exited children of this process
+    (Ray's daemons are the driver's children). No other child is touched: its owner (a
+    ``multiprocessing`` process, say) reaps it."""
+    me = os.getpid()
+    table = _proc_table()
+    for pid, start in procs:
+        if table.get(pid) == (me, start):
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
+
+
+def _wait_gone(procs: set[tuple[int, str]], timeout: float) -> set[tuple[int, str]]:
+    """Wait up to ``timeout`` for ``procs`` to exit, on pidfds (no polling), and reap those
+    that are our children; return those still alive. Without pidfds (Linux < 5.3) it does
+    not wait."""
+    deadline = time.monotonic() + timeout
+    fds: dict[int, tuple[int, str]] = {}
+    try:
+        for pid, start in _alive(procs):
+            try:
+                fds[os.pidfd_open(pid)] = (pid, start)
+            except ProcessLookupError:
+                continue
+            except OSError:
+                break
+        live = _alive(set(fds.values()))  # checked after opening: no pid reused meanwhile
+        pending = {fd for fd, proc in fds.items() if proc in live}
+        poller = select.poll()
+        for fd in pending:
+            poller.register(fd, select.POLLIN)
+        while pending and (remaining := deadline - time.monotonic()) > 0:
+            for fd, _ in poller.poll(max(1, math.ceil(remaining * 1000))):
+                poller.unregister(fd)
+                pending.discard(fd)
+        _reap(procs)
+        return _alive(procs)
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 # --------------------------------------------------------------------------- the backend
@@ -551,22 +583,13 @@ class RayBackend:
         try:
             ray.shutdown()
         finally:
-            deadline = time.monotonic() + SHUTDOWN_GRACE
-            left = _alive(self._procs)
-            while left and time.monotonic() < deadline:
-                _reap_children()
-                time.sleep(0.05)
-                left = _alive(self._procs)
+            left = _wait_gone(self._procs, SHUTDOWN_GRACE)
             for pid, _ in left:
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except OSError:
                     pass
-            deadline = time.monotonic() + SHUTDOWN_GRACE
-            while _alive(self._procs) and time.monotonic() < deadline:
-                _reap_children()
-                time.sleep(0.02)
-            _reap_children()
+            _wait_gone(left, SHUTDOWN_GRACE)
             self._procs = set()
             self._cleanup_files()
 
