@@ -31,6 +31,7 @@ alone.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import itertools
 import math
@@ -40,13 +41,19 @@ import select
 import threading
 import time
 import weakref
-from collections.abc import Callable, Generator, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final, Self
 
 import anyio
 import anyio.lowlevel
+
+sniffio: Any
+try:
+    import sniffio
+except ImportError:  # pragma: no cover - anyio runs without it (asyncio only); trio needs it
+    sniffio = None
 
 from . import _reduction
 from ._connection import RecordChannel, record_pair
@@ -124,7 +131,7 @@ class AsyncResult:
         self._error: BaseException | None = None
         self._ready = False
         self._jobs: set[Any] = set()  # the pool's jobs for it
-        self._waiters: list[_Waiter] = []  # tasks awaiting this result (not driving the pool)
+        self._waiters: list[_Waiter] | None = None  # tasks awaiting it (not driving the pool)
 
     def ready(self) -> bool:
         return self._ready
@@ -154,7 +161,7 @@ class AsyncResult:
         for job in list(self._jobs):
             self._pool._forget(job)
         self._jobs.clear()
-        for waiter in self._waiters:
+        for waiter in self._waiters or ():
             self._pool._notify(waiter)
         if error is None and self._callback is not None:
             self._callback(value)
@@ -453,15 +460,57 @@ class _Worker:
 
 
 class _Waiter:
-    """A task awaiting the pool while another task drives it (see ``_drive_until_async``)."""
+    """A task awaiting the pool while another task drives it (see ``_drive_until_async``).
 
-    __slots__ = ("done", "elected", "event", "thread")
+    It parks on the cheapest primitive of its event loop: a bare future on asyncio (and
+    uvloop), an ``anyio.Event`` elsewhere. A gathered batch of thousands of awaits makes one
+    waiter each, and every object alive per await costs allocation and garbage-collector time.
+    """
+
+    __slots__ = ("_loop", "_parked", "done", "elected", "thread")
 
     def __init__(self, done: Callable[[], bool]) -> None:
         self.done = done
-        self.event = anyio.Event()
         self.elected = False  # woken to take over driving the pool
         self.thread = threading.get_ident()
+        self._loop = _asyncio_loop()
+        self._parked: Any = None
+        self.rearm()
+
+    def rearm(self) -> None:
+        """Park again (after a wake-up that did not finish the wait)."""
+        self._parked = self._loop.create_future() if self._loop is not None else anyio.Event()
+        self.elected = False
+
+    def is_set(self) -> bool:
+        parked = self._parked
+        return bool(parked.done() if self._loop is not None else parked.is_set())
+
+    def wake(self) -> None:
+        """Wake the task."""
+        parked = self._parked
+        if self._loop is not None and self.thread != threading.get_ident():
+            self._loop.call_soon_threadsafe(self.wake)
+        elif self._loop is None:
+            parked.set()
+        elif not parked.done():  # a cancelled wait leaves a done future
+            parked.set_result(None)
+
+    def wait(self) -> Awaitable[Any]:
+        parked: Any = self._parked
+        return parked if self._loop is not None else parked.wait()  # type: ignore[no-any-return]
+
+
+def _asyncio_loop() -> asyncio.AbstractEventLoop | None:
+    """The running asyncio loop if the current task is an asyncio one (not trio, even in guest
+    mode on an asyncio host), else None. Without sniffio there is no trio, so asyncio it is."""
+    if sniffio is not None:
+        try:
+            if sniffio.current_async_library() != "asyncio":
+                return None
+        except sniffio.AsyncLibraryNotFoundError:
+            return None
+    return asyncio.get_running_loop()
 
 
 class PoolAPI:
@@ -846,7 +895,7 @@ class Pool(PoolAPI):
     def _notify(self, waiter: _Waiter) -> None:
         """Wake an awaiting task (from the thread of its event loop, or through the driver)."""
         if waiter.thread == threading.get_ident():
-            waiter.event.set()
+            waiter.wake()
         else:
             self._foreign.append(waiter)
             self._wake()
@@ -1099,29 +1148,30 @@ class Pool(PoolAPI):
                 if waiter is None:
                     waiter = _Waiter(done)
                     self._followers[waiter] = None
-                    if result is not None:
-                        result._waiters.append(waiter)
-                    else:
+                    if result is None:
                         self._generic.append(waiter)
-                await waiter.event.wait()
+                    elif result._waiters is None:
+                        result._waiters = [waiter]
+                    else:
+                        result._waiters.append(waiter)
+                await waiter.wait()
                 if done():
                     return
-                waiter.event = anyio.Event()
-                waiter.elected = False
+                waiter.rearm()
         finally:
             if waiter is not None:
                 self._followers.pop(waiter, None)
-                if result is not None:
-                    result._waiters.remove(waiter)
-                else:
+                if result is None:
                     self._generic.remove(waiter)
+                elif result._waiters is not None:
+                    result._waiters.remove(waiter)
                 if waiter.elected and not self._driving:
                     self._elect()  # it was asked to drive but leaves: ask the next one
 
     def _elect(self) -> None:
         """Hand driving over to the oldest waiting task that is not already woken."""
         for waiter in self._followers:
-            if not waiter.event.is_set():
+            if not waiter.is_set():
                 waiter.elected = True
                 self._notify(waiter)
                 return
@@ -1133,10 +1183,10 @@ class Pool(PoolAPI):
         while True:
             self._step(ready)
             while self._foreign:
-                self._foreign.popleft().event.set()
+                self._foreign.popleft().wake()
             for waiter in self._generic:
                 if waiter.done():
-                    waiter.event.set()
+                    waiter.wake()
             if done():
                 return waited
             with self._mutex:

@@ -39,6 +39,7 @@ __all__ = ("MAX_RECORD", "Connection", "Pipe", "RecordChannel", "record_pair")
 _CMSG_SPACE: Final = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * 4)
 _RECV_FLAGS: Final = int(getattr(socket, "MSG_CMSG_CLOEXEC", 0))
 _MSG_CTRUNC: Final = int(socket.MSG_CTRUNC)
+_MSG_TRUNC: Final = int(socket.MSG_TRUNC)
 _DONTWAIT_INT: Final = int(socket.MSG_DONTWAIT)
 _FAST_MAX: Final = 16 * 1024  # frames up to this size take the two-syscall fast paths
 _UNPACK_I: Final = struct.Struct("!i").unpack
@@ -593,7 +594,7 @@ class RecordChannel:
         fds = _fds_from_ancdata(ancdata, flags)
         if not data and not fds:
             raise EOFError
-        if flags & socket.MSG_TRUNC:
+        if flags & _MSG_TRUNC:
             _close_all(fds)
             raise ProtocolError("received a record larger than the protocol allows")
         return data, fds

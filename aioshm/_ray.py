@@ -1004,7 +1004,7 @@ class RayPool(PoolAPI):
                 self._pending.remove(job)
 
     def _notify(self, waiter: Any) -> None:  # no task waits on a result here but the driver
-        waiter.event.set()
+        waiter.wake()
 
     async def _drive_until_async(
         self, done: Callable[[], bool], result: AsyncResult | None = None
