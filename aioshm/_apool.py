@@ -1026,22 +1026,21 @@ class Pool(PoolAPI):
         pending = self._pending
         if not pending:
             return
-        full: set[_Worker] = set()
-        while pending:
-            worker = None
-            for w in self._workers:
-                if (
-                    len(w.inflight) < self._depth
-                    and w.budget != 0
-                    and not w.eof
-                    and not w.stopping
-                    and not w.tasks.closed
-                    and w not in full
-                    and (worker is None or len(w.inflight) < len(worker.inflight))
-                ):
+        depth = self._depth
+        ready = [
+            w
+            for w in self._workers
+            if len(w.inflight) < depth
+            and w.budget != 0
+            and not w.eof
+            and not w.stopping
+            and not w.tasks.closed
+        ]
+        while pending and ready:
+            worker = ready[0]
+            for w in ready:
+                if len(w.inflight) < len(worker.inflight):
                     worker = w
-            if worker is None:
-                return
             job = pending[0]
             try:
                 record, fds, owned = worker.tasks.encode((job.id, job.fn, job.args, job.kwds))
@@ -1056,7 +1055,7 @@ class Pool(PoolAPI):
             finally:
                 _reduction.close_owned(fds, owned)
             if not sent:
-                full.add(worker)
+                ready.remove(worker)  # its channel is full
                 continue
             pending.popleft()
             job.worker = worker
@@ -1064,6 +1063,8 @@ class Pool(PoolAPI):
             worker.inflight.append(job)
             if worker.budget is not None:
                 worker.budget -= 1
+            if len(worker.inflight) >= depth or worker.budget == 0:
+                ready.remove(worker)
 
     def _send_exit(self, worker: _Worker) -> None:
         try:
