@@ -17,10 +17,13 @@ How it works::
     AsyncResult ◄── _step(): read results, reap dead workers, replace them, dispatch
 
 ``_step()`` never blocks. Whoever waits drives it: a blocking call (``get``, ``wait``, ``map``,
-``join``…) polls the workers' fds in its own thread; an awaiting task that holds the pump lock
-waits on one epoll fd covering every result channel, sentinel and the wake-up pipe, while
-other awaiting tasks queue on the lock. So the async face runs no thread at all, and
-callbacks run in whichever thread or task drives the pool.
+``join``…) polls the workers' fds in its own thread. On asyncio, a task awaiting a result
+parks on a future while the event loop itself watches one epoll fd covering every result
+channel, sentinel and the wake-up pipe (:class:`~aioshm._transport._waits.LoopWatch`) and
+steps the pool from its callback. Elsewhere (trio, and waits on other conditions: ``join``,
+progress, ``imap``) one awaiting task at a time drives, waiting on such an epoll fd, while the
+others park until it hands over. So the async face runs no thread at all, and callbacks run
+in whichever thread, task or loop callback drives the pool.
 
 Failures: a worker that dies fails only the task it was running (the oldest one it was sent;
 it runs them in order) with :class:`~aioshm.ProcessExitedException`; tasks queued behind it are
@@ -69,7 +72,7 @@ from ._exceptions import (
 from ._poolworker import SWEEP, TaskCounter, worker_main
 from ._shm import _segment
 from ._transport._proc import stop_async
-from ._transport._waits import MultiWait
+from ._transport._waits import LoopWatch, MultiWait, loop_watch_supported
 
 __all__ = ("AsyncResult", "IMapIterator", "Pool", "PoolStatistics", "ProgressEvent", "run_sync")
 
@@ -486,15 +489,19 @@ class _Waiter:
         parked = self._parked
         return bool(parked.done() if self._loop is not None else parked.is_set())
 
-    def wake(self) -> None:
-        """Wake the task."""
+    def wake(self) -> bool:
+        """Wake the task; False if that cannot be done from this thread (an ``anyio.Event``
+        of another thread's loop: the caller hands it to that loop's driver instead)."""
         parked = self._parked
-        if self._loop is not None and self.thread != threading.get_ident():
+        if self.thread != threading.get_ident():
+            if self._loop is None:
+                return False
             self._loop.call_soon_threadsafe(self.wake)
         elif self._loop is None:
             parked.set()
         elif not parked.done():  # a cancelled wait leaves a done future
             parked.set_result(None)
+        return True
 
     def wait(self) -> Awaitable[Any]:
         parked: Any = self._parked
@@ -791,10 +798,14 @@ class Pool(PoolAPI):
         self._woken = False  # a byte is in the wake-up pipe
         self._parked = 0  # drivers waiting on the pool's fds (they need a wake-up on changes)
         self._driving = False  # an awaiting task drives the pool
+        self._driver_thread = 0  # the thread of its event loop
         self._followers: dict[_Waiter, None] = {}  # the tasks awaiting while it does, oldest first
         self._generic: list[_Waiter] = []  # those whose condition is not one result
         self._foreign: collections.deque[_Waiter] = collections.deque()  # woken by other threads
         self._waiter: MultiWait | None = None
+        self._watch: LoopWatch | None = None  # asyncio: the loop watching the pool's fds
+        self._watching = 0  # tasks awaiting a result through it
+        self._watch_idle = 0  # its callbacks since the last such task left
         self._waiter_key: tuple[int, list[tuple[int, int]]] | None = None
         self._lazy = _lazy  # run_sync's pool starts workers on demand
         self._guard: Any = None
@@ -835,6 +846,8 @@ class Pool(PoolAPI):
         res_w.close()
         self._workers.append(_Worker(proc, task_w, res_r, taken, self._maxtasks))
         self._generation += 1
+        if self._parked:
+            self._wake()  # who waits on the pool's fds must watch this worker's too
 
     def _repopulate(self) -> None:
         if self._state != "RUN" or self._lazy:
@@ -846,6 +859,8 @@ class Pool(PoolAPI):
         self._workers.remove(worker)
         worker.close_channels()
         self._generation += 1
+        if self._parked:
+            self._wake()
 
     # -- submitting ---------------------------------------------------------------------------
     def _check_running(self) -> None:
@@ -894,9 +909,7 @@ class Pool(PoolAPI):
 
     def _notify(self, waiter: _Waiter) -> None:
         """Wake an awaiting task (from the thread of its event loop, or through the driver)."""
-        if waiter.thread == threading.get_ident():
-            waiter.wake()
-        else:
+        if not waiter.wake():
             self._foreign.append(waiter)
             self._wake()
 
@@ -907,34 +920,44 @@ class Pool(PoolAPI):
         ``ready``: the fds a wait found ready (only those are read); None reads everything.
         """
         with self._mutex:
-            if self._woken and (ready is None or self._wake_r in ready):
-                try:
-                    while os.read(self._wake_r, 512):
-                        pass
-                except OSError:
+            done_before = self._tasks_done
+            self._step_locked(ready)
+            if (
+                self._tasks_done != done_before
+                and self._driving
+                and self._driver_thread != threading.get_ident()
+            ):
+                self._wake()  # the driving task may wait for a result read here: wake it
+
+    def _step_locked(self, ready: set[int] | None) -> None:
+        if self._woken and (ready is None or self._wake_r in ready):
+            try:
+                while os.read(self._wake_r, 512):
                     pass
-                self._woken = False
-            dead = False
-            for worker in self._workers:
-                if ready is None or worker.results_fd in ready or worker.sentinel in ready:
-                    self._read_results(worker)
-                dead = dead or worker.eof or (ready is not None and worker.sentinel in ready)
-            if dead:
-                for worker in list(self._workers):
-                    if (worker.eof or ready is None or worker.sentinel in ready) and (
-                        not worker.proc.is_alive()
-                    ):
-                        self._worker_died(worker)
-            if self._state == "RUN":
-                if self._lazy:
-                    self._grow()
-                elif len(self._workers) < self._processes:
-                    self._repopulate()
-            self._dispatch()
-            if self._state == "CLOSE" and not self._pending:
-                for worker in list(self._workers):
-                    if not worker.inflight and not worker.tasks.closed:
-                        self._send_exit(worker)
+            except OSError:
+                pass
+            self._woken = False
+        dead = False
+        for worker in self._workers:
+            if ready is None or worker.results_fd in ready or worker.sentinel in ready:
+                self._read_results(worker)
+            dead = dead or worker.eof or (ready is not None and worker.sentinel in ready)
+        if dead:
+            for worker in list(self._workers):
+                if (worker.eof or ready is None or worker.sentinel in ready) and (
+                    not worker.proc.is_alive()
+                ):
+                    self._worker_died(worker)
+        if self._state == "RUN":
+            if self._lazy:
+                self._grow()
+            elif len(self._workers) < self._processes:
+                self._repopulate()
+        self._dispatch()
+        if self._state == "CLOSE" and not self._pending:
+            for worker in list(self._workers):
+                if not worker.inflight and not worker.tasks.closed:
+                    self._send_exit(worker)
 
     def _grow(self) -> None:
         """A lazy pool (run_sync's) starts a worker for each task no idle worker can take."""
@@ -1131,6 +1154,12 @@ class Pool(PoolAPI):
         if done():
             await anyio.lowlevel.checkpoint()
             return
+        if result is not None:
+            loop = _asyncio_loop()
+            watch = self._loop_watch(loop) if loop is not None else None
+            if watch is not None:
+                await self._await_watched(done, result)
+                return
         waiter: _Waiter | None = None
         try:
             while True:
@@ -1138,6 +1167,7 @@ class Pool(PoolAPI):
                     if waiter is not None:
                         waiter.elected = False
                     self._driving = True
+                    self._driver_thread = threading.get_ident()
                     try:
                         waited = await self._drive(done)
                     finally:
@@ -1169,6 +1199,71 @@ class Pool(PoolAPI):
                 if waiter.elected and not self._driving:
                     self._elect()  # it was asked to drive but leaves: ask the next one
 
+    # -- driving: asyncio ------------------------------------------------------------------------
+    def _loop_watch(self, loop: asyncio.AbstractEventLoop) -> LoopWatch | None:
+        """On asyncio the event loop drives the pool: a :class:`LoopWatch` steps it whenever
+        one of its fds is ready, and a task awaiting a result just parks until it is woken.
+        No task drives, so no driving is handed over from task to task (a few tasks awaiting
+        one result each, as ``run_sync`` does, paid a hand-over and a fresh wait per result).
+
+        The started watch, current; None where it cannot serve (no epoll, a closed pool, or a
+        watch owned by the loop of another thread): those awaits take the driving path.
+        """
+        with self._mutex:
+            watch = self._watch
+            if watch is not None and watch.loop is not loop and watch.loop.is_closed():
+                self._drop_watch()  # the pool outlived the loop that watched it
+                watch = None
+            if watch is None:
+                if not loop_watch_supported() or self._wake_r < 0:
+                    return None
+                watch = self._watch = LoopWatch(loop, self._on_loop_ready)
+            elif watch.loop is not loop or watch.thread != threading.get_ident():
+                return None
+            if not watch.started:
+                watch.watch(self._generation, self._wait_fds())
+                watch.start()
+                self._parked += 1
+            self._watch_idle = 0
+            return watch
+
+    def _on_loop_ready(self, ready: set[int]) -> None:
+        """The loop's callback when some of the pool's fds are ready."""
+        self._step(ready)
+        with self._mutex:
+            watch = self._watch
+            if watch is None or not watch.started:
+                return
+            if not self._watching:
+                self._watch_idle += 1
+                if self._watch_idle >= 2:  # nobody awaits through it any more: stop watching
+                    watch.stop()
+                    self._parked -= 1
+                    return
+            watch.watch(self._generation, self._wait_fds())
+
+    async def _await_watched(self, done: Callable[[], bool], result: AsyncResult) -> None:
+        # a scope cancelled before the await raises, even if the result comes first
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        if done():
+            return
+        waiter = _Waiter(done)
+        if result._waiters is None:
+            result._waiters = [waiter]
+        else:
+            result._waiters.append(waiter)
+        self._watching += 1
+        try:
+            while True:
+                await waiter.wait()
+                if done():
+                    return
+                waiter.rearm()
+        finally:
+            self._watching -= 1
+            if result._waiters is not None:
+                result._waiters.remove(waiter)
+
     def _elect(self) -> None:
         """Hand driving over to the oldest waiting task that is not already woken."""
         for waiter in self._followers:
@@ -1183,8 +1278,11 @@ class Pool(PoolAPI):
         waited = False
         while True:
             self._step(ready)
-            while self._foreign:
-                self._foreign.popleft().wake()
+            if self._foreign:  # woken from another thread (an anyio.Event of another
+                # thread's loop stays for that loop's own driver)
+                keep = [waiter for waiter in self._foreign if not waiter.wake()]
+                self._foreign.clear()
+                self._foreign.extend(keep)
             for waiter in self._generic:
                 if waiter.done():
                     waiter.wake()
@@ -1322,6 +1420,14 @@ class Pool(PoolAPI):
         if self._waiter is not None:
             self._waiter.close()
             self._waiter = None
+        self._drop_watch()
+
+    def _drop_watch(self) -> None:
+        if self._watch is not None:
+            if self._watch.started:
+                self._parked -= 1
+            self._watch.close()
+            self._watch = None
         if self._wake_r >= 0 and not self._workers:
             os.close(self._wake_r)
             os.close(self._wake_w)

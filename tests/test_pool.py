@@ -825,6 +825,41 @@ async def test_result_read_by_another_awaiter_wakes_its_owner(fifos: Callable[[]
 
 @ASYNC
 @pytest.mark.timeout(60)
+async def test_result_completed_in_another_thread_wakes_its_awaiter(
+    fifos: Callable[[], Fifo],
+) -> None:
+    """A task awaits r; a thread blocks in ``r.get()`` (driving the pool with ``poll()``) and
+    reads r's result while the loop is held up. The awaiting task still wakes with the value
+    (woken through its own loop, never from the foreign thread directly)."""
+    fifo, gate = fifos(), fifos()
+    async with apool(1) as pool:
+        with anyio.fail_after(WAIT):
+            r = pool.apply_async(targets.announce_and_wait, (fifo.path, gate.path, "r"))
+            await fifo.aline()
+        got: list[Any] = []
+        in_thread: list[Any] = []
+
+        async def owner() -> None:
+            got.append(await r)
+
+        thread = threading.Thread(target=lambda: in_thread.append(r.get(WAIT)))
+        try:
+            with anyio.fail_after(5):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(owner)
+                    await anyio.wait_all_tasks_blocked()  # the owner is parked
+                    thread.start()
+                    gate.open_gate()
+                    thread.join(WAIT)  # holds the loop: only the thread can read the result
+                    assert in_thread == ["r"]
+        finally:
+            if thread.is_alive() or thread.ident is not None:
+                thread.join(WAIT)
+        assert got == ["r"]
+
+
+@ASYNC
+@pytest.mark.timeout(60)
 async def test_async_with_pool_closes_or_terminates(fifos: Callable[[], Fifo]) -> None:
     """``async with Pool()`` closes and joins on a normal exit (workers exit 0) and
     terminates on an error (pending awaits get PoolClosed)."""
@@ -1419,6 +1454,23 @@ async def test_run_sync_limiter_bounds_concurrency(fifos: Callable[[], Fifo]) ->
 
 
 @pytest.mark.timeout(90)
+@pytest.mark.timeout(60)
+def test_pool_awaited_from_successive_event_loops() -> None:
+    """A pool made outside any loop is awaited from one ``asyncio.run`` after another (the
+    loop that watched its fds is gone by the second run) and from trio in between."""
+    import asyncio
+
+    async def use(pool: aioshm.Pool, base: int) -> list[Any]:
+        results = [pool.apply_async(targets.square, (base + i,)) for i in range(3)]
+        return [await r for r in results]
+
+    with aioshm.Pool(1) as pool:
+        assert asyncio.run(use(pool, 0)) == [0, 1, 4]
+        assert anyio.run(use, pool, 3, backend="trio") == [9, 16, 25]
+        assert asyncio.run(use(pool, 6)) == [36, 49, 64]
+        assert pool.apply_async(targets.square, (9,)).get(WAIT) == 81
+
+
 def test_run_sync_default_pool_stops_at_loop_end() -> None:
     """After ``anyio.run`` returns (asyncio and trio), the default pool's workers are gone,
     even with a cancellable and a shielded call's worker still alive at the loop's end."""
