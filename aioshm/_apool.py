@@ -40,6 +40,7 @@ import itertools
 import math
 import multiprocessing
 import os
+import pickle
 import select
 import threading
 import time
@@ -85,6 +86,8 @@ __all__ = ("AsyncResult", "IMapIterator", "Pool", "PoolStatistics", "ProgressEve
 DEPTH: Final = 2
 MAX_DEPTH: Final = 32
 AHEAD: Final = 0.002
+#: Small tasks without fds are sent to a worker together, up to about this many bytes per record.
+BATCH_BYTES: Final = 16 * 1024
 #: Seconds a ``run_sync`` worker may stay idle before it is retired (anyio's value).
 WORKER_MAX_IDLE_TIME: Final = 300.0
 GRACE_PERIOD: Final = 2.0
@@ -1045,7 +1048,7 @@ class Pool(PoolAPI):
         _close_popen(worker.proc)
 
     def _dispatch(self) -> None:
-        """Send pending tasks, each to the ready worker with the fewest tasks in flight."""
+        """Send pending tasks, each batch to the ready worker with the fewest tasks in flight."""
         pending = self._pending
         if not pending:
             return
@@ -1064,30 +1067,71 @@ class Pool(PoolAPI):
             for w in ready:
                 if len(w.inflight) < len(worker.inflight):
                     worker = w
+            room = depth - len(worker.inflight)
+            if worker.budget is not None:
+                room = min(room, worker.budget)
+            # leave the other ready workers their share of what is pending
+            if not self._send_batch(worker, min(room, -(-len(pending) // len(ready)))):
+                ready.remove(worker)  # its channel is full
+                continue
+            if len(worker.inflight) >= depth or worker.budget == 0:
+                ready.remove(worker)
+
+    def _send_batch(self, worker: _Worker, limit: int) -> bool:
+        """Send up to ``limit`` pending tasks to ``worker`` in one record: small tasks without
+        fds go together (one syscall here and one in the worker for all of them), any other
+        alone. A task that cannot be pickled fails alone. False if the channel is full."""
+        pending = self._pending
+        jobs: list[_Job] = []
+        payloads: list[Any] = []
+        size = 0
+        record: Any = None
+        fds: list[int] = []
+        owned: list[bool] = []
+        while pending and len(jobs) < limit and size < BATCH_BYTES:
             job = pending[0]
             try:
-                record, fds, owned = worker.tasks.encode((job.id, job.fn, job.args, job.kwds))
+                data, fds, owned = worker.tasks.encode((job.id, job.fn, job.args, job.kwds))
             except Exception as exc:  # the task cannot be pickled: it fails alone
                 pending.popleft()
                 self._complete(job, None, exc)
                 continue
-            try:
-                sent = worker.tasks.try_send_record(record, fds)
-            except OSError:
-                sent = False
-            finally:
-                _reduction.close_owned(fds, owned)
-            if not sent:
-                ready.remove(worker)  # its channel is full
-                continue
+            if fds or len(data) > BATCH_BYTES:
+                if jobs:  # it goes on its own, next
+                    _reduction.close_owned(fds, owned)
+                    fds, owned = [], []
+                    break
+                record = data
             pending.popleft()
+            jobs.append(job)
+            payloads.append(data)
+            size += len(data)
+            if record is not None:
+                break
+        if not jobs:
+            return True
+        if record is None:
+            if len(payloads) == 1:
+                record = payloads[0]
+            else:  # a list of pickles (bytes only: this pickle cannot fail)
+                record = pickle.dumps([bytes(p) for p in payloads], pickle.HIGHEST_PROTOCOL)
+        try:
+            sent = worker.tasks.try_send_record(record, fds)
+        except OSError:
+            sent = False
+        finally:
+            _reduction.close_owned(fds, owned)
+        if not sent:
+            pending.extendleft(reversed(jobs))
+            return False
+        now = time.monotonic()
+        for job in jobs:
             job.worker = worker
-            job.sent_at = time.monotonic()
+            job.sent_at = now
             worker.inflight.append(job)
-            if worker.budget is not None:
-                worker.budget -= 1
-            if len(worker.inflight) >= depth or worker.budget == 0:
-                ready.remove(worker)
+        if worker.budget is not None:
+            worker.budget -= len(jobs)
+        return True
 
     def _send_exit(self, worker: _Worker) -> None:
         try:

@@ -2,14 +2,17 @@
 
 Protocol, one record per message on two SOCK_SEQPACKET channels of its own:
 
-* parent → worker: ``(job_id, fn, args, kwds)``, or ``None`` to exit, or the raw record
-  :data:`SWEEP` (not a task: "a segment you retain may have lost its last other holder");
+* parent → worker: ``(job_id, fn, args, kwds)``, or a batch of small fd-less tasks as a list
+  of such pickles (one record, one syscall each way, for many tiny tasks), or ``None`` to
+  exit, or the raw record :data:`SWEEP` (not a task: "a segment you retain may have lost its
+  last other holder");
 * worker → parent: ``("ok", job_id, value)`` or ``("raised", job_id, exc_or_None, type_name,
   traceback_text)``; ``("bad-task", None, None, type_name, traceback_text)`` when a task could
   not even be unpickled (the parent knows which job it sent).
 
 A worker runs its tasks strictly in order and counts, in a page it shares with the parent
-(:class:`TaskCounter`), every task record it takes off its channel before unpickling it. So when
+(:class:`TaskCounter`), every task it takes on before unpickling it (a batch's first task
+when it takes the record off its channel, the others as it gets to them). So when
 a worker dies the parent knows whether it was running the oldest task it was sent (blame that
 one) or died idle, before taking it (blame none; send them elsewhere). It ignores SIGINT (the parent turns Ctrl-C into
 cancellation), dies with its parent, and drops every reference to a task's arguments and result
@@ -25,6 +28,7 @@ it retains anything, so sweeps go only to workers that do.
 
 from __future__ import annotations
 
+import collections
 import gc
 import mmap
 import os
@@ -32,7 +36,7 @@ import signal
 from collections.abc import Callable
 from typing import Any
 
-from . import _procutil
+from . import _procutil, _reduction
 from ._connection import RecordChannel, anon_fd
 from ._shm import _segment
 
@@ -118,22 +122,35 @@ def worker_main(
     if initializer is not None:
         initializer(*initargs)
     done = 0
+    batch: collections.deque[bytes] = collections.deque()  # pickled tasks still to run
     while maxtasks is None or done < maxtasks:
-        try:
-            record = tasks.recv_record()
-        except EOFError:
-            return
-        if record[0] == SWEEP and not record[1]:
-            taken.set_retained(_segment.sweep_retained() > 0)
-            continue
-        taken.bump()  # from here on, a death is this task's fault
-        try:
-            task = tasks.decode(*record)
-        except Exception as exc:  # the task could not be rebuilt here
-            _send_raised(results, None, exc, "bad-task")
-            done += 1
-            continue
-        del record
+        if batch:
+            taken.bump()  # from here on, a death is this task's fault
+            try:
+                task = _reduction.loads(batch.popleft(), [])
+            except Exception as exc:  # the task could not be rebuilt here
+                _send_raised(results, None, exc, "bad-task")
+                done += 1
+                continue
+        else:
+            try:
+                record = tasks.recv_record()
+            except EOFError:
+                return
+            if record[0] == SWEEP and not record[1]:
+                taken.set_retained(_segment.sweep_retained() > 0)
+                continue
+            taken.bump()  # from here on, a death is this (or the batch's first) task's fault
+            try:
+                task = tasks.decode(*record)
+                if type(task) is list:  # a batch: run its tasks in order
+                    batch.extend(task)
+                    task = _reduction.loads(batch.popleft(), [])
+            except Exception as exc:  # the task could not be rebuilt here
+                _send_raised(results, None, exc, "bad-task")
+                done += 1
+                continue
+            del record
         if task is None:
             return
         job_id, fn, args, kwds = task

@@ -645,6 +645,52 @@ def test_dying_worker_fails_only_its_task(
 
 
 @pytest.mark.timeout(60)
+def test_batched_tasks_keep_per_task_failures(fifos: Callable[[], Fifo]) -> None:
+    """Small tasks that wait together go to a worker in one record. Each still fails alone: one
+    that cannot be rebuilt in the worker, one that kills it (blamed on that task only), and
+    the tasks batched behind the dying one run on the replacement."""
+    fifo, gate = fifos(), fifos()
+    with aioshm.Pool(1) as pool:
+        sent: list[int] = []
+        send_batch = pool._send_batch
+
+        def counting(worker: Any, limit: int) -> bool:
+            before = len(pool._pending)
+            ok = send_batch(worker, limit)
+            sent.append(before - len(pool._pending))
+            return ok
+
+        pool._send_batch = counting  # type: ignore[method-assign]
+        # two gated tasks fill the worker's send-ahead depth, so the rest wait together
+        gated = [
+            pool.apply_async(targets.announce_and_wait, (fifo.path, gate.path, tag))
+            for tag in ("g1", "g2")
+        ]
+        fifo.line()
+        rest = [
+            pool.apply_async(targets.square, (1,)),
+            pool.apply_async(targets.identity, (targets.BadOnLoad(),)),
+            pool.apply_async(targets.die_on, (3, 3)),
+            pool.apply_async(targets.square, (4,)),
+            pool.apply_async(targets.square, (5,)),
+        ]
+        assert len(pool._pending) == len(rest)
+        with pool._mutex:  # room for all of them behind the gated two: one record
+            pool._depth = 8
+            pool._dispatch()
+        assert sent[-1] == len(rest)
+        gate.open_gate(2)
+        assert [r.get(WAIT) for r in gated] == ["g1", "g2"]
+        assert rest[0].get(WAIT) == 1
+        with pytest.raises(RuntimeError, match="cannot be rebuilt"):
+            rest[1].get(WAIT)
+        with pytest.raises(ProcessExitedException, match="SIGKILL"):
+            rest[2].get(WAIT)
+        assert [rest[3].get(WAIT), rest[4].get(WAIT)] == [16, 25]
+        assert pool.statistics().workers_replaced == 1
+
+
+@pytest.mark.timeout(60)
 def test_unpicklable_arguments_and_results_fail_alone(fifos: Callable[[], Fifo]) -> None:
     """A lambda argument or function, an argument that cannot be rebuilt in the worker, and an
     unpicklable result each fail their own task with a clear error; nothing else is touched."""
