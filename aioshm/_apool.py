@@ -1465,6 +1465,10 @@ class Pool(PoolAPI):
             self._waiter.close()
             self._waiter = None
         self._drop_watch()
+        if self._wake_r >= 0 and not self._workers:
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            self._wake_r = self._wake_w = -1
 
     def _drop_watch(self) -> None:
         if self._watch is not None:
@@ -1472,10 +1476,6 @@ class Pool(PoolAPI):
                 self._parked -= 1
             self._watch.close()
             self._watch = None
-        if self._wake_r >= 0 and not self._workers:
-            os.close(self._wake_r)
-            os.close(self._wake_w)
-            self._wake_r = self._wake_w = -1
 
     def statistics(self) -> PoolStatistics:
         """Idle and busy workers, tasks pending/running/done, live shared segments and bytes."""
