@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
 import itertools
 import math
 import multiprocessing
@@ -122,7 +123,15 @@ class ProgressEvent:
 
 
 class AsyncResult:
-    """The stdlib's ``AsyncResult`` (``get``, ``wait``, ``ready``, ``successful``), awaitable."""
+    """The stdlib's ``AsyncResult`` (``get``, ``wait``, ``ready``, ``successful``), awaitable.
+
+    On asyncio it is also a Future-like object (asyncio's duck-typed future protocol:
+    ``done``, ``result``, ``exception``, ``add_done_callback``, ``cancel``…), so
+    ``asyncio.gather``, ``wait``, ``wait_for``, ``shield`` and ``as_completed`` take it as it
+    is, with a done callback, instead of wrapping every result in a Task: the event loop
+    already drives the pool (see :meth:`Pool._loop_watch`). ``cancel()`` does what cancelling
+    an ``await`` of it does (see ``apply_async``'s ``cancellable``).
+    """
 
     def __init__(
         self,
@@ -138,6 +147,12 @@ class AsyncResult:
         self._ready = False
         self._jobs: set[Any] = set()  # the pool's jobs for it
         self._waiters: list[_Waiter] | None = None  # tasks awaiting it (not driving the pool)
+        # the asyncio future protocol
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._done_callbacks: list[tuple[Callable[[Any], object], Any]] | None = None
+        self._cancelled = False
+        self._cancel_message: str | None = None
+        self._watched = False  # counted among what keeps the pool's LoopWatch running
 
     def ready(self) -> bool:
         return self._ready
@@ -164,15 +179,103 @@ class AsyncResult:
         if self._ready:
             return
         self._value, self._error, self._ready = value, error, True
-        for job in list(self._jobs):
-            self._pool._forget(job)
-        self._jobs.clear()
+        if self._jobs:
+            for job in list(self._jobs):
+                self._pool._forget(job)
+            self._jobs.clear()
         for waiter in self._waiters or ():
             self._pool._notify(waiter)
-        if error is None and self._callback is not None:
-            self._callback(value)
-        elif error is not None and self._error_callback is not None:
-            self._error_callback(error)
+        if self._watched:
+            self._watched = False
+            self._pool._unwatch()
+        try:
+            if error is None and self._callback is not None:
+                self._callback(value)
+            elif error is not None and self._error_callback is not None:
+                self._error_callback(error)
+        finally:
+            if self._done_callbacks:
+                self._schedule_done_callbacks()
+
+    # -- asyncio's future protocol -------------------------------------------------------------
+    @property
+    def _asyncio_future_blocking(self) -> bool | None:
+        """asyncio's mark of a future (None: not one; then asyncio wraps it in a Task)."""
+        return False if self._pool._future_like else None
+
+    def get_loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        return self._loop
+
+    def done(self) -> bool:
+        return self._ready
+
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    def result(self) -> Any:
+        """The value (asyncio's ``Future.result``: ``InvalidStateError`` if not ready)."""
+        if not self._ready:
+            raise asyncio.InvalidStateError("the result is not ready")
+        if self._cancelled:
+            raise self._make_cancelled_error()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+    def exception(self) -> BaseException | None:
+        if not self._ready:
+            raise asyncio.InvalidStateError("the result is not ready")
+        if self._cancelled:
+            raise self._make_cancelled_error()
+        return self._error
+
+    def _make_cancelled_error(self) -> asyncio.CancelledError:
+        return asyncio.CancelledError(self._cancel_message or "")
+
+    def add_done_callback(self, fn: Callable[[Any], object], *, context: Any = None) -> None:
+        """Call ``fn(self)`` from the event loop once the result is ready."""
+        loop = self.get_loop()
+        if context is None:
+            context = contextvars.copy_context()
+        if self._ready:
+            loop.call_soon(fn, self, context=context)
+            return
+        if self._done_callbacks is None:
+            self._done_callbacks = []
+            self._watched = self._pool._watch_for(self, loop)
+        self._done_callbacks.append((fn, context))
+
+    def remove_done_callback(self, fn: Callable[[Any], object]) -> int:
+        callbacks = self._done_callbacks or []
+        kept = [(f, ctx) for f, ctx in callbacks if f != fn]
+        if self._done_callbacks is not None:
+            self._done_callbacks[:] = kept
+        return len(callbacks) - len(kept)
+
+    def cancel(self, msg: Any = None) -> bool:
+        """Cancel as cancelling an await of it would: a ``cancellable`` task's worker is
+        stopped and replaced, a task not sent yet is dropped, any other runs on and its
+        result is discarded. False if the result is ready already."""
+        if self._ready:
+            return False
+        self._cancel_message = msg
+        self._cancelled = True
+        self._pool._cancel(self)
+        return True
+
+    def _schedule_done_callbacks(self) -> None:
+        callbacks, self._done_callbacks = self._done_callbacks or [], None
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        same_thread = _asyncio_loop_or_none() is loop
+        for fn, context in callbacks:
+            if same_thread:
+                loop.call_soon(fn, self, context=context)
+            else:
+                loop.call_soon_threadsafe(fn, self, context=context)
 
     def _job_done(self, job: Any, value: Any, error: BaseException | None) -> None:
         self._jobs.discard(job)
@@ -511,6 +614,20 @@ class _Waiter:
         return parked if self._loop is not None else parked.wait()  # type: ignore[no-any-return]
 
 
+#: tasks the pools start on asyncio (for results used as futures), kept alive until done
+_tasks: set[asyncio.Task[None]] = set()
+
+
+def _keep(task: asyncio.Task[None]) -> None:
+    _tasks.add(task)
+    task.add_done_callback(_tasks.discard)
+
+
+def _asyncio_loop_or_none() -> asyncio.AbstractEventLoop | None:
+    """The asyncio loop running in this thread, if any (whatever the current task's library)."""
+    return asyncio._get_running_loop()
+
+
 def _asyncio_loop() -> asyncio.AbstractEventLoop | None:
     """The running asyncio loop if the current task is an asyncio one (not trio, even in guest
     mode on an asyncio host), else None. Without sniffio there is no trio, so asyncio it is."""
@@ -563,6 +680,33 @@ class PoolAPI:
 
     async def _abandon(self, result: AsyncResult) -> None:
         raise NotImplementedError
+
+    # -- asyncio's future protocol of the results (see AsyncResult) ------------------------
+    #: results are asyncio Future-like objects (the pool progresses without a Task per result)
+    _future_like = False
+
+    def _watch_for(self, result: AsyncResult, loop: asyncio.AbstractEventLoop) -> bool:
+        """``result`` got a done callback: make sure the pool progresses until it is ready.
+        True if the caller must :meth:`_unwatch` once it is; here a task drives the pool."""
+        _keep(loop.create_task(self._drive_for(result)))
+        return False
+
+    async def _drive_for(self, result: AsyncResult) -> None:
+        await self._drive_until_async(result.ready, result)
+
+    def _unwatch(self) -> None:
+        pass
+
+    def _cancel(self, result: AsyncResult) -> None:
+        """``result.cancel()``: abandon it as a cancelled await would, then mark it cancelled."""
+
+        async def cancel() -> None:
+            await self._abandon(result)
+            if not result._ready:  # a task that runs on: its result is discarded
+                result._finish(None, TaskCancelled("the result was cancelled"))
+
+        result._cancelled = True
+        _keep(result.get_loop().create_task(cancel()))
 
     def close(self) -> None:
         raise NotImplementedError
@@ -972,9 +1116,18 @@ class Pool(PoolAPI):
             self._start_worker()
 
     def _read_results(self, worker: _Worker) -> None:
-        while not worker.results.closed:
+        task_time = self._task_time
+        try:
+            self._read_results_into(worker)
+        finally:
+            if self._task_time != task_time:
+                self._depth = max(DEPTH, min(MAX_DEPTH, int(AHEAD / max(self._task_time, 1e-6))))
+
+    def _read_results_into(self, worker: _Worker) -> None:
+        results = worker.results
+        while not results.closed:
             try:
-                got = worker.results.try_recv_record()
+                got = results.try_recv_record()
             except EOFError:
                 if not worker.eof:
                     worker.eof = True
@@ -989,7 +1142,6 @@ class Pool(PoolAPI):
                 # it ran from when it was sent, or from the previous result if it was queued
                 took = now - max(job.sent_at, worker.idle_since)
                 self._task_time = max(took, self._task_time * 0.9)
-                self._depth = max(DEPTH, min(MAX_DEPTH, int(AHEAD / max(self._task_time, 1e-6))))
             worker.idle_since = now
             try:
                 msg = worker.results.decode(*got)
@@ -1242,6 +1394,44 @@ class Pool(PoolAPI):
                     result._waiters.remove(waiter)
                 if waiter.elected and not self._driving:
                     self._elect()  # it was asked to drive but leaves: ask the next one
+
+    # -- asyncio's future protocol of the results ------------------------------------------------
+    _future_like = True
+
+    def _watch_for(self, result: AsyncResult, loop: asyncio.AbstractEventLoop) -> bool:
+        if _asyncio_loop_or_none() is loop and self._loop_watch(loop) is not None:
+            self._watching += 1  # the loop drives the pool until the result is ready
+            return True
+        return super()._watch_for(result, loop)  # a task drives it
+
+    def _unwatch(self) -> None:
+        self._watching -= 1
+
+    def _cancel(self, result: AsyncResult) -> None:
+        """``result.cancel()``, without waiting: like :meth:`_abandon`, except that a stopped
+        worker is terminated now and killed after the grace period by a loop timer (its
+        death is then seen, reaped and replaced like any other), and the result is marked
+        cancelled at once, even if its task runs on."""
+        stop: list[_Worker] = []
+        with self._mutex:
+            for job in list(result._jobs):
+                worker = job.worker
+                if worker is None:
+                    self._forget(job)
+                    result._jobs.discard(job)
+                elif job.cancellable:
+                    job.abandoned = True
+                    if worker.inflight and worker.inflight[0] is job and not worker.stopping:
+                        worker.stopping = True
+                        stop.append(worker)
+            result._cancelled = True
+            result._finish(None, TaskCancelled("the result was cancelled"))
+        loop = result.get_loop()
+        for worker in stop:
+            worker.proc.terminate()
+            loop.call_later(GRACE_PERIOD, _kill_if_alive, worker.proc)
+        if self._parked:
+            self._wake()
 
     # -- driving: asyncio ------------------------------------------------------------------------
     def _loop_watch(self, loop: asyncio.AbstractEventLoop) -> LoopWatch | None:
@@ -1524,6 +1714,14 @@ def _sweep_workers() -> None:
 
 
 _segment.set_close_hook(_sweep_workers)
+
+
+def _kill_if_alive(proc: Any) -> None:
+    try:
+        if proc.is_alive():
+            proc.kill()
+    except ValueError:  # reaped and closed already
+        pass
 
 
 def _close_popen(proc: Any) -> None:

@@ -591,7 +591,7 @@ class RecordChannel:
         except BlockingIOError:
             return None
         data = bytes(buf[:n])
-        fds = _fds_from_ancdata(ancdata, flags)
+        fds = _fds_from_ancdata(ancdata, flags) if ancdata or flags else []
         if not data and not fds:
             raise EOFError
         if flags & _MSG_TRUNC:

@@ -28,6 +28,9 @@ Several views of one buffer in one message share one fd, and arrive as views of 
 
 from __future__ import annotations
 
+import collections
+import copyreg
+import io
 import os
 import pickle
 import struct
@@ -90,9 +93,48 @@ class _Local(threading.local):
     memo: dict[object, int] | None = None
     incoming: list[int | None] | None = None  # fds received with the message being unpickled
     copies: list[Any] | None = None  # large value copies an async sender does in chunks
+    pickler: _Pickler | None = None  # this thread's reusable pickler, and its buffer
+    buffer: io.BytesIO | None = None
+    pickling = False  # the pickler is in use (a nested dump gets a fresh one)
 
 
 _local = _Local()
+
+
+class _Pickler(pickle.Pickler):
+    """``ForkingPickler``'s tables as a live view instead of a copy per pickle: a thread reuses
+    one pickler (clearing its memo), which saves ~0.5-1 µs per message; reducers registered
+    later still apply. The table is consulted only for types the C pickler does not handle
+    itself (ndarrays, user classes), never for ints, strings, tuples, dicts or functions."""
+
+    dispatch_table = collections.ChainMap(  # noqa: RUF012 (a live view, never mutated)
+        ForkingPickler._extra_reducers,  # type: ignore[attr-defined]
+        copyreg.dispatch_table,  # type: ignore[arg-type]
+    )
+
+
+def _pickle(obj: object) -> bytes:
+    if _local.pickling or _local.pickler is None:
+        if _local.pickling:  # a reducer pickles something itself: not the shared one
+            fresh = io.BytesIO()
+            _Pickler(fresh, pickle.HIGHEST_PROTOCOL).dump(obj)
+            return fresh.getvalue()
+        _local.buffer = io.BytesIO()
+        _local.pickler = _Pickler(_local.buffer, pickle.HIGHEST_PROTOCOL)
+    pickler, buf = _local.pickler, _local.buffer
+    assert pickler is not None and buf is not None
+    _local.pickling = True
+    try:
+        pickler.dump(obj)
+        return buf.getvalue()
+    except BaseException:
+        _local.pickler = None  # whatever state a failed dump left it in
+        raise
+    finally:
+        _local.pickling = False
+        pickler.clear_memo()
+        buf.seek(0)
+        buf.truncate()
 
 
 # --------------------------------------------------------------------------- fd references
@@ -253,7 +295,7 @@ def dumps(
     prev = (_local.out, _local.owned, _local.memo, _local.copies)
     _local.out, _local.owned, _local.memo, _local.copies = fds, owned, {}, copies
     try:
-        data = ForkingPickler.dumps(obj, pickle.HIGHEST_PROTOCOL)
+        data = _pickle(obj)
     except BaseException:
         close_owned(fds, owned)
         raise

@@ -904,6 +904,108 @@ async def test_result_completed_in_another_thread_wakes_its_awaiter(
         assert got == ["r"]
 
 
+def _asyncio_only(anyio_backend: Any) -> None:
+    if anyio_backend[0] != "asyncio":
+        pytest.skip("asyncio's future protocol")
+
+
+@ASYNC
+@pytest.mark.timeout(60)
+async def test_results_are_asyncio_futures(anyio_backend: Any) -> None:
+    """On asyncio a result is a Future-like object: ``gather`` (with and without
+    ``return_exceptions``), ``wait``, ``as_completed`` and ``shield`` take it as it is."""
+    import asyncio
+
+    _asyncio_only(anyio_backend)
+    async with apool(2) as pool:
+        with anyio.fail_after(WAIT):
+            results = [pool.apply_async(targets.square, (i,)) for i in range(20)]
+            assert asyncio.isfuture(results[0])
+            assert await asyncio.gather(*results) == [i * i for i in range(20)]
+            assert results[0].done() and results[0].result() == 0
+            assert results[0].exception() is None and not results[0].cancelled()
+            bad = pool.apply_async(targets.raise_value_error, ("nope",))
+            with pytest.raises(ValueError, match="nope"):
+                await asyncio.gather(pool.apply_async(targets.square, (2,)), bad)
+            got = await asyncio.gather(
+                bad, pool.apply_async(targets.square, (3,)), return_exceptions=True
+            )
+            assert isinstance(got[0], ValueError) and got[1] == 9
+            more = [pool.apply_async(targets.square, (i,)) for i in range(5)]
+            done, pending = await asyncio.wait(more)
+            assert not pending and {r.result() for r in done} == {0, 1, 4, 9, 16}
+            seen = [
+                await f
+                for f in asyncio.as_completed(
+                    [pool.apply_async(targets.square, (i,)) for i in range(4)]
+                )
+            ]
+            assert sorted(seen) == [0, 1, 4, 9]
+            assert await asyncio.shield(pool.apply_async(targets.square, (7,))) == 49
+            assert await pool.map_async(targets.square, range(3)) == [0, 1, 4]
+            pending_result = pool.apply_async(targets.square, (1,))
+            with pytest.raises(asyncio.InvalidStateError):
+                pending_result.result()
+            assert await pending_result == 1
+
+
+@ASYNC
+@pytest.mark.timeout(60)
+async def test_wait_for_a_result_cancels_it(anyio_backend: Any, fifos: Callable[[], Fifo]) -> None:
+    """``asyncio.wait_for(result, t)`` cancels the result on timeout, as cancelling an await
+    would: a ``cancellable`` task's worker is killed and replaced; any other task runs on and
+    its result is discarded. The pool stays usable."""
+    import asyncio
+
+    _asyncio_only(anyio_backend)
+    fifo, gate = fifos(), fifos()
+    async with apool(1) as pool:
+        with anyio.fail_after(WAIT):
+            (worker,) = pool._workers
+            r = pool.apply_async(targets.announce_and_block, (fifo.path,), cancellable=True)
+            pid = int(await fifo.aline())
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(r, 0.05)
+            assert r.cancelled() and r.done()
+            with pytest.raises(TaskCancelled):
+                r.get(0)
+            assert await pool.apply_async(targets.getpid) != pid  # a replacement runs it
+            assert worker not in pool._workers
+            assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
+
+            keep = pool.apply_async(targets.announce_and_wait, (fifo.path, gate.path, "ran"))
+            pid2 = int(await fifo.aline())
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(keep, 0.05)
+            assert keep.cancelled()
+            gate.open_gate()
+            assert await pool.apply_async(targets.getpid) == pid2  # the same worker, alive
+            assert not keep.cancel()  # done already
+
+
+@ASYNC
+@pytest.mark.timeout(60)
+async def test_cancelling_a_gather_of_results_cancels_them(
+    anyio_backend: Any, fifos: Callable[[], Fifo]
+) -> None:
+    """An anyio cancel scope around ``asyncio.gather(*results)`` cancels the results it
+    waits on: the running cancellable task's worker is replaced, the queued one is dropped."""
+    import asyncio
+
+    _asyncio_only(anyio_backend)
+    fifo = fifos()
+    async with apool(1) as pool:
+        with anyio.fail_after(WAIT):
+            running = pool.apply_async(targets.announce_and_block, (fifo.path,), cancellable=True)
+            queued = pool.apply_async(targets.square, (3,), cancellable=True)
+            pid = int(await fifo.aline())
+            with anyio.move_on_after(0.05) as scope:
+                await asyncio.gather(running, queued)
+            assert scope.cancelled_caught
+            assert running.cancelled() and queued.cancelled()
+            assert await pool.apply_async(targets.getpid) != pid
+
+
 @ASYNC
 @pytest.mark.timeout(60)
 async def test_async_with_pool_closes_or_terminates(fifos: Callable[[], Fifo]) -> None:
