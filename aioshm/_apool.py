@@ -578,11 +578,14 @@ class _Waiter:
 
     __slots__ = ("_loop", "_parked", "done", "elected", "thread")
 
-    def __init__(self, done: Callable[[], bool]) -> None:
+    def __init__(
+        self, done: Callable[[], bool], loop: asyncio.AbstractEventLoop | None = None
+    ) -> None:
+        """``loop``: the running asyncio loop, if the caller knows it is on asyncio."""
         self.done = done
         self.elected = False  # woken to take over driving the pool
         self.thread = threading.get_ident()
-        self._loop = _asyncio_loop()
+        self._loop = loop if loop is not None else _asyncio_loop()
         self._parked: Any = None
         self.rearm()
 
@@ -1352,9 +1355,8 @@ class Pool(PoolAPI):
             return
         if result is not None:
             loop = _asyncio_loop()
-            watch = self._loop_watch(loop) if loop is not None else None
-            if watch is not None:
-                await self._await_watched(done, result)
+            if loop is not None and self._loop_watch(loop) is not None:
+                await self._await_watched(done, result, loop)
                 return
         waiter: _Waiter | None = None
         try:
@@ -1474,14 +1476,19 @@ class Pool(PoolAPI):
                     watch.stop()
                     self._parked -= 1
                     return
-            watch.watch(self._generation, self._wait_fds())
+            # the watched set changes with the workers (generation) and, while tasks wait
+            # for room in a full channel, with their send-ahead state
+            if self._pending or watch.has_out or watch.key != self._generation:
+                watch.watch(self._generation, self._wait_fds())
 
-    async def _await_watched(self, done: Callable[[], bool], result: AsyncResult) -> None:
+    async def _await_watched(
+        self, done: Callable[[], bool], result: AsyncResult, loop: asyncio.AbstractEventLoop
+    ) -> None:
         # a scope cancelled before the await raises, even if the result comes first
         await anyio.lowlevel.checkpoint_if_cancelled()
         if done():
             return
-        waiter = _Waiter(done)
+        waiter = _Waiter(done, loop)
         if result._waiters is None:
             result._waiters = [waiter]
         else:

@@ -110,7 +110,7 @@ class LoopWatch:
     Everything but :meth:`close` runs in the loop's thread.
     """
 
-    __slots__ = ("_callback", "_ep", "_fds", "_key", "loop", "started", "thread")
+    __slots__ = ("_callback", "_ep", "_fds", "has_out", "key", "loop", "started", "thread")
 
     def __init__(self, loop: Any, callback: Callable[[set[int]], None]) -> None:
         self.loop = loop
@@ -118,7 +118,8 @@ class LoopWatch:
         self._callback = callback
         self._ep = select.epoll()
         self._fds: dict[int, int] = {}  # fd -> epoll mask
-        self._key: object = None
+        self.key: object = None  # of the watched set (see watch())
+        self.has_out = False  # some fd is watched for writing
         self.started = False
 
     def watch(self, key: object, fds: list[tuple[int, int]]) -> None:
@@ -129,14 +130,14 @@ class LoopWatch:
             new[fd] = new.get(fd, 0) | (
                 select.EPOLLIN if events == select.POLLIN else select.EPOLLOUT
             )
-        if key != self._key:
+        if key != self.key:
             for fd in self._fds:
                 try:
                     self._ep.unregister(fd)
                 except OSError:  # closed since: the kernel dropped it already
                     pass
             self._fds = {}
-            self._key = key
+            self.key = key
         old = self._fds
         if new == old:
             return
@@ -151,6 +152,7 @@ class LoopWatch:
             elif old[fd] != mask:
                 self._ep.modify(fd, mask)
         self._fds = new
+        self.has_out = any(mask & select.EPOLLOUT for mask in new.values())
 
     def start(self) -> None:
         if not self.started:
