@@ -54,12 +54,6 @@ from typing import Any, Final, Self
 import anyio
 import anyio.lowlevel
 
-sniffio: Any
-try:
-    import sniffio
-except ImportError:  # pragma: no cover - anyio runs without it (asyncio only); trio needs it
-    sniffio = None
-
 from . import _reduction
 from ._connection import RecordChannel, record_pair
 from ._context import DEFAULT_START_METHOD
@@ -74,7 +68,7 @@ from ._exceptions import (
 from ._poolworker import SWEEP, TaskCounter, worker_main
 from ._shm import _segment
 from ._transport._proc import stop_async
-from ._transport._waits import LoopWatch, MultiWait, loop_watch_supported
+from ._transport._waits import LoopWatch, MultiWait, asyncio_loop, loop_watch_supported
 
 __all__ = ("AsyncResult", "IMapIterator", "Pool", "PoolStatistics", "ProgressEvent", "run_sync")
 
@@ -585,7 +579,7 @@ class _Waiter:
         self.done = done
         self.elected = False  # woken to take over driving the pool
         self.thread = threading.get_ident()
-        self._loop = loop if loop is not None else _asyncio_loop()
+        self._loop = loop if loop is not None else asyncio_loop()
         self._parked: Any = None
         self.rearm()
 
@@ -629,18 +623,6 @@ def _keep(task: asyncio.Task[None]) -> None:
 def _asyncio_loop_or_none() -> asyncio.AbstractEventLoop | None:
     """The asyncio loop running in this thread, if any (whatever the current task's library)."""
     return asyncio._get_running_loop()
-
-
-def _asyncio_loop() -> asyncio.AbstractEventLoop | None:
-    """The running asyncio loop if the current task is an asyncio one (not trio, even in guest
-    mode on an asyncio host), else None. Without sniffio there is no trio, so asyncio it is."""
-    if sniffio is not None:
-        try:
-            if sniffio.current_async_library() != "asyncio":
-                return None
-        except sniffio.AsyncLibraryNotFoundError:
-            return None
-    return asyncio.get_running_loop()
 
 
 class PoolAPI:
@@ -1354,7 +1336,7 @@ class Pool(PoolAPI):
             await anyio.lowlevel.checkpoint()
             return
         if result is not None:
-            loop = _asyncio_loop()
+            loop = asyncio_loop()
             if loop is not None and self._loop_watch(loop) is not None:
                 await self._await_watched(done, result, loop)
                 return

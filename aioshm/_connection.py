@@ -462,6 +462,11 @@ def wait_any(fds: list[tuple[int, int]], deadline: float | None) -> bool:
     poller = select.poll()
     for fd, events in fds:
         poller.register(fd, events)
+    return poll_until(poller, deadline)
+
+
+def poll_until(poller: Any, deadline: float | None) -> bool:
+    """Block in ``poller.poll`` until something is ready or the deadline (monotonic) passes."""
     while True:
         if deadline is None:
             timeout_ms = None

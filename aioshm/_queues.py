@@ -36,6 +36,7 @@ from typing import Any, Final
 
 from . import _reduction
 from ._connection import anon_fd, record_pair
+from ._connection import poll_until as _poll_until
 from ._connection import wait_any as _wait_any
 from ._exceptions import QueueShutDown
 from ._shm._segment import HAS_OFD, ofd_lock_byte
@@ -233,6 +234,8 @@ class Queue:
     def _after_init(self) -> None:
         self._async_state: Any = None
         self._eager = 0
+        self._get_poller: Any = None  # the blocking get's poll object (data fd + shutdown)
+        self._got_waiting = False  # the last blocking get found the queue empty
         self._finalizer = weakref.finalize(
             self,
             _close_fds,
@@ -380,19 +383,34 @@ class Queue:
         self._check_closed()
         deadline = self._deadline(block, timeout)
         waited = not block  # a non-blocking get checks for shutdown before giving up
+        # a consumer that found the queue empty last time likely will again: wait first
+        # instead of paying for a failed receive (a wait on a non-empty queue returns at once)
+        try_first = not (block and self._got_waiting)
         while True:
-            got = self._try_get()
-            if got is not None:
-                return self._reader.decode(*got)
-            # the wait watches the shutdown pipe too: look at it only once a wait returned
-            if waited and self._is_shutdown():
-                raise QueueShutDown(f"Queue {self!r} is shut down and empty")
-            ready = _wait_any([(self._reader.fileno(), _POLLIN), (self._shut_r, _POLLIN)], deadline)
-            if not ready:
+            if try_first:
+                got = self._try_get()
+                if got is not None:
+                    self._got_waiting = waited and block
+                    return self._reader.decode(*got)
+                # the wait watches the shutdown pipe too: look at it only once a wait returned
+                if waited and self._is_shutdown():
+                    raise QueueShutDown(f"Queue {self!r} is shut down and empty")
+            try_first = True
+            if not self._wait_for_item(deadline):
+                self._got_waiting = False
                 if self._is_shutdown():
                     raise QueueShutDown(f"Queue {self!r} is shut down and empty")
                 raise _queue.Empty
             waited = True
+
+    def _wait_for_item(self, deadline: float | None) -> bool:
+        """Block until the data fd or the shutdown pipe is readable (False on timeout)."""
+        poller = self._get_poller
+        if poller is None:
+            poller = self._get_poller = select.poll()
+            poller.register(self._reader.fileno(), _POLLIN)
+            poller.register(self._shut_r, _POLLIN)
+        return _poll_until(poller, deadline)
 
     def put_nowait(self, obj: Any) -> None:
         """``put(obj, False)``."""

@@ -589,6 +589,39 @@ async def test_cancelled_get_async_loses_no_item() -> None:
 
 
 @pytest.mark.timeout(60)
+def test_queue_awaited_from_successive_event_loops() -> None:
+    """A consumer's wait stays registered with its asyncio loop from one get to the next;
+    the same queue is then awaited from a new asyncio loop (the first is closed), from trio,
+    and from asyncio again, each get waiting for an item put after it parked."""
+    import asyncio
+
+    q = CTX.Queue()
+
+    async def round_trips(base: int) -> list[int]:
+        got: list[int] = []
+
+        async def consume() -> None:
+            got.extend([await q.get_async() for _ in range(5)])
+
+        with anyio.fail_after(WAIT):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(consume)
+                for i in range(5):
+                    await anyio.wait_all_tasks_blocked()  # the consumer waits in get_async
+                    await q.put_async(base + i)
+        return got
+
+    try:
+        assert asyncio.run(round_trips(0)) == [0, 1, 2, 3, 4]
+        assert anyio.run(round_trips, 10, backend="trio") == [10, 11, 12, 13, 14]
+        assert asyncio.run(round_trips(20)) == [20, 21, 22, 23, 24]
+        q.put(30)
+        assert q.get(timeout=WAIT) == 30
+    finally:
+        q.close()
+
+
+@pytest.mark.timeout(60)
 async def test_simple_queue_async_twins() -> None:
     """``SimpleQueue.put_async``/``get_async`` move items to and from a child."""
     q = CTX.SimpleQueue()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 import select
 import sys
 import threading
@@ -11,19 +13,35 @@ from typing import Any
 
 import anyio
 
-__all__ = ("Locks", "LoopWatch", "MultiWait", "locks_of", "loop_watch_supported")
+sniffio: Any
+try:
+    import sniffio
+except ImportError:  # pragma: no cover - anyio runs without it (asyncio only); trio needs it
+    sniffio = None
+
+__all__ = (
+    "Locks",
+    "LoopWatch",
+    "MultiWait",
+    "asyncio_loop",
+    "locks_of",
+    "loop_watch_supported",
+)
 
 
 class Locks:
     """Per-object async locks: one reader and one writer task at a time per event loop.
 
     anyio (trio in particular) allows one task at a time to wait on a given fd, so tasks of
-    one process queue up here, in FIFO order, in front of the fd.
+    one process queue up here, in FIFO order, in front of the fd. They belong to the event
+    loop that made them (``loop``: the asyncio loop, None under trio): an object awaited from
+    another loop later (a new ``asyncio.run``, or trio) gets new ones.
     """
 
-    __slots__ = ("__weakref__", "join", "read", "waits", "write")
+    __slots__ = ("__weakref__", "join", "loop", "read", "waits", "write")
 
-    def __init__(self) -> None:
+    def __init__(self, loop: Any = None) -> None:
+        self.loop = loop
         # fast_acquire: an uncontended acquire does not yield (the waits below do)
         self.read = anyio.Lock(fast_acquire=True)
         self.write = anyio.Lock(fast_acquire=True)
@@ -34,7 +52,7 @@ class Locks:
         """The cached :class:`MultiWait` for ``key`` (built from ``fds`` on first use)."""
         mw = self.waits.get(key)
         if mw is None:
-            mw = self.waits[key] = MultiWait(fds)
+            mw = self.waits[key] = MultiWait(fds, persistent=True)
         return mw
 
     def close(self) -> None:
@@ -44,26 +62,93 @@ class Locks:
 
 
 def locks_of(obj: Any) -> Locks:
-    """The :class:`Locks` of ``obj`` (made on first use; epoll fds closed with ``obj``)."""
+    """The :class:`Locks` of ``obj`` for the running event loop (made on first use; epoll fds
+    closed with ``obj``, or when another loop takes over: one loop at a time per object)."""
     state = obj._async_state
-    if state is None:
-        state = obj._async_state = Locks()
+    loop = _running_asyncio_loop()  # None under trio
+    if state is None or state.loop is not loop:
+        if state is not None:
+            state.close()
+        state = obj._async_state = Locks(loop)
         weakref.finalize(obj, state.close)
     return state  # type: ignore[no-any-return]
+
+
+class _LoopReader:
+    """An fd kept registered with an asyncio loop (``add_reader``) from one wait to the next.
+
+    A wait through ``anyio.wait_readable`` registers and unregisters its fd every time (two
+    ``epoll_ctl`` calls and the selector's bookkeeping, ~10 µs on a VM); waits that follow each
+    other on the same fd (a queue's consumer, a pool's results) pay that once. Only ever for
+    an fd of our own (an epoll fd), closed through :meth:`close` so that the loop's selector
+    never keeps a closed fd number. Everything but :meth:`close` runs in the loop's thread.
+    """
+
+    __slots__ = ("callback", "fd", "loop", "pid", "registered", "thread")
+
+    def __init__(self, loop: Any, fd: int, callback: Callable[[], None]) -> None:
+        self.loop = loop
+        self.fd = fd
+        self.callback = callback
+        self.thread = threading.get_ident()
+        self.pid = os.getpid()
+        self.registered = False
+
+    def serves(self, loop: Any) -> bool:
+        return self.loop is loop and self.thread == threading.get_ident()
+
+    def dead(self) -> bool:
+        """Its loop is closed, or it was inherited by a forked child: never touch that loop."""
+        return bool(self.loop.is_closed()) or self.pid != os.getpid()
+
+    def start(self) -> None:
+        if not self.registered:
+            self.loop.add_reader(self.fd, self.callback)
+            self.registered = True
+
+    def stop(self) -> None:
+        if self.registered:
+            self.registered = False
+            self.loop.remove_reader(self.fd)
+
+    def close(self, then: Callable[[], None]) -> None:
+        """Stop, then call ``then`` (which closes the fd): now, or in the loop's thread if it
+        runs in another one (the fd must leave its selector before its number can be reused)."""
+        if self.registered and not self.dead():
+            if threading.get_ident() == self.thread:
+                self.stop()
+            else:
+                try:
+                    self.loop.call_soon_threadsafe(self._stop_then, then)
+                    return
+                except RuntimeError:  # the loop closed meanwhile
+                    pass
+        self.registered = False
+        then()
+
+    def _stop_then(self, then: Callable[[], None]) -> None:
+        self.stop()
+        then()
 
 
 class MultiWait:
     """Wait until any of several fds is readable, with one ``wait_readable`` on an epoll fd.
 
     Cheaper than a task group per wait and exact: the epoll fd is readable exactly when one
-    of its registered fds is. (kqueue fds are pollable the same way on macOS.)
+    of its registered fds is. (kqueue fds are pollable the same way on macOS.) A ``persistent``
+    one that is waited on again and again (a queue's) keeps its epoll fd registered with an
+    asyncio loop between waits (:class:`_LoopReader`) and parks each wait on a future.
     """
 
-    __slots__ = ("_ep", "fds")
+    __slots__ = ("_ep", "_fut", "_idle", "_persistent", "_reader", "fds")
 
-    def __init__(self, fds: list[tuple[int, int]]) -> None:
+    def __init__(self, fds: list[tuple[int, int]], *, persistent: bool = False) -> None:
         """``fds`` are ``(fd, select.POLLIN or select.POLLOUT)`` pairs."""
         self.fds = list(fds)
+        self._persistent = persistent and loop_watch_supported()
+        self._reader: _LoopReader | None = None
+        self._fut: Any = None  # the parked wait (persistent, asyncio)
+        self._idle = 0  # the reader's callbacks with no wait parked
         if sys.platform.startswith("linux"):
             self._ep: Any = select.epoll()
             for fd, events in self.fds:
@@ -85,7 +170,39 @@ class MultiWait:
             )
 
     async def wait(self) -> None:
+        if self._persistent:
+            loop = asyncio_loop()
+            if loop is not None:
+                reader = self._reader
+                if reader is not None and not reader.serves(loop) and reader.dead():
+                    reader = self._reader = None  # its loop is gone: register with this one
+                if reader is None:
+                    reader = self._reader = _LoopReader(loop, self._ep.fileno(), self._fire)
+                if reader.serves(loop):
+                    if self._fut is not None and not self._fut.done():
+                        raise anyio.BusyResourceError("waiting on")
+                    fut = self._fut = loop.create_future()
+                    self._idle = 0
+                    reader.start()
+                    try:
+                        await fut
+                    finally:
+                        self._fut = None
+                    return
         await anyio.wait_readable(self._ep.fileno())
+
+    def _fire(self) -> None:
+        fut = self._fut
+        if fut is not None:
+            self._fut = None
+            if not fut.done():
+                fut.set_result(None)
+        elif self._reader is not None:
+            # level-triggered: a callback may come once more before the woken task reads;
+            # one more with nobody waiting means nobody is waiting any more
+            self._idle += 1
+            if self._idle >= 2:
+                self._reader.stop()
 
     def ready(self) -> set[int]:
         """The registered fds that are ready now (one non-blocking syscall)."""
@@ -94,33 +211,45 @@ class MultiWait:
         return {ev.ident for ev in self._ep.control(None, len(self.fds), 0)}  # pragma: no cover
 
     def close(self) -> None:
-        self._ep.close()
+        if self._reader is not None:
+            reader, self._reader = self._reader, None
+            reader.close(self._ep.close)
+        else:
+            self._ep.close()
 
 
 class LoopWatch:
     """asyncio only (Linux): the event loop itself watches a set of fds and calls
     ``callback(ready_fds)`` from the loop whenever some are ready, like a protocol's reader.
 
-    The fds sit in one epoll fd registered with the loop (``add_reader``) for as long as the
-    owner keeps the watch started, and the set is changed in place. A wait through
-    ``anyio.wait_readable`` registers and unregisters its fd every time (two ``epoll_ctl``
-    calls and the selector's bookkeeping, ~10 µs on a VM); a pool whose results come one at a
-    time to a few awaiting tasks pays that per result, this pays it once.
+    The fds sit in one epoll fd registered with the loop (:class:`_LoopReader`) for as long
+    as the owner keeps the watch started, and the set is changed in place; a pool whose
+    results come one at a time to a few awaiting tasks pays no registration per result.
 
     Everything but :meth:`close` runs in the loop's thread.
     """
 
-    __slots__ = ("_callback", "_ep", "_fds", "has_out", "key", "loop", "started", "thread")
+    __slots__ = ("_callback", "_ep", "_fds", "_reader", "has_out", "key")
 
     def __init__(self, loop: Any, callback: Callable[[set[int]], None]) -> None:
-        self.loop = loop
-        self.thread = threading.get_ident()
         self._callback = callback
         self._ep = select.epoll()
+        self._reader = _LoopReader(loop, self._ep.fileno(), self._fire)
         self._fds: dict[int, int] = {}  # fd -> epoll mask
         self.key: object = None  # of the watched set (see watch())
         self.has_out = False  # some fd is watched for writing
-        self.started = False
+
+    @property
+    def loop(self) -> Any:
+        return self._reader.loop
+
+    @property
+    def thread(self) -> int:
+        return self._reader.thread
+
+    @property
+    def started(self) -> bool:
+        return self._reader.registered
 
     def watch(self, key: object, fds: list[tuple[int, int]]) -> None:
         """Watch ``fds`` (``(fd, POLLIN or POLLOUT)`` pairs). A new ``key`` means fds may have
@@ -155,36 +284,38 @@ class LoopWatch:
         self.has_out = any(mask & select.EPOLLOUT for mask in new.values())
 
     def start(self) -> None:
-        if not self.started:
-            self.loop.add_reader(self._ep.fileno(), self._fire)
-            self.started = True
+        self._reader.start()
 
     def stop(self) -> None:
-        if self.started:
-            self.started = False
-            self.loop.remove_reader(self._ep.fileno())
+        self._reader.stop()
 
     def _fire(self) -> None:
         self._callback({fd for fd, _ in self._ep.poll(0)})
 
     def close(self) -> None:
         """Stop and close (from another thread: in the loop's thread, if it still runs)."""
-        if self._ep.closed:
-            return
-        if self.started and threading.get_ident() != self.thread and not self.loop.is_closed():
-            try:
-                self.loop.call_soon_threadsafe(self.close)
-                return
-            except RuntimeError:  # the loop closed meanwhile
-                pass
-        if self.started and not self.loop.is_closed() and threading.get_ident() == self.thread:
-            self.stop()
-        self.started = False
-        self._ep.close()
+        if not self._ep.closed:
+            self._reader.close(self._ep.close)
 
 
 def loop_watch_supported() -> bool:
     return sys.platform.startswith("linux")
+
+
+def _running_asyncio_loop() -> Any:
+    return asyncio._get_running_loop()
+
+
+def asyncio_loop() -> Any:
+    """The running asyncio loop if the current task is an asyncio one (not trio, even in guest
+    mode on an asyncio host), else None. Without sniffio there is no trio, so asyncio it is."""
+    if sniffio is not None:
+        try:
+            if sniffio.current_async_library() != "asyncio":
+                return None
+        except sniffio.AsyncLibraryNotFoundError:
+            return None
+    return asyncio.get_running_loop()
 
 
 #: Large value copies made for an async send are done this many bytes at a time, yielding to
