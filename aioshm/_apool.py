@@ -68,7 +68,13 @@ from ._exceptions import (
 from ._poolworker import SWEEP, TaskCounter, worker_main
 from ._shm import _segment
 from ._transport._proc import stop_async
-from ._transport._waits import LoopWatch, MultiWait, asyncio_loop, loop_watch_supported
+from ._transport._waits import (
+    LoopWatch,
+    MultiWait,
+    asyncio_loop,
+    loop_watch_supported,
+    running_asyncio_loop,
+)
 
 __all__ = ("AsyncResult", "IMapIterator", "Pool", "PoolStatistics", "ProgressEvent", "run_sync")
 
@@ -264,7 +270,7 @@ class AsyncResult:
         loop = self._loop
         if loop is None or loop.is_closed():
             return
-        same_thread = _asyncio_loop_or_none() is loop
+        same_thread = running_asyncio_loop() is loop
         for fn, context in callbacks:
             if same_thread:
                 loop.call_soon(fn, self, context=context)
@@ -274,6 +280,16 @@ class AsyncResult:
     def _job_done(self, job: Any, value: Any, error: BaseException | None) -> None:
         self._jobs.discard(job)
         self._finish(value, error)
+
+    def _add_waiter(self, waiter: _Waiter) -> None:
+        if self._waiters is None:
+            self._waiters = [waiter]
+        else:
+            self._waiters.append(waiter)
+
+    def _remove_waiter(self, waiter: _Waiter) -> None:
+        if self._waiters is not None:
+            self._waiters.remove(waiter)
 
     def __await__(self) -> Generator[Any, None, Any]:
         return self._await().__await__()
@@ -620,11 +636,6 @@ def _keep(task: asyncio.Task[None]) -> None:
     task.add_done_callback(_tasks.discard)
 
 
-def _asyncio_loop_or_none() -> asyncio.AbstractEventLoop | None:
-    """The asyncio loop running in this thread, if any (whatever the current task's library)."""
-    return asyncio._get_running_loop()
-
-
 class PoolAPI:
     """The stdlib ``Pool`` methods and their awaitable forms, on a pool's ``_submit`` (shared by
     :class:`Pool` and the Ray backend's pool)."""
@@ -633,9 +644,16 @@ class PoolAPI:
     #: ``imap``'s default bound on chunks in flight, per process of the pool
     _IMAP_AHEAD = 2
 
-    # -- what a pool provides: the results and iterators drive it through these ---------------
+    _state: str  # "RUN", then "CLOSE" or "TERMINATE"
+
+    def __reduce__(self) -> Any:
+        raise NotImplementedError("pool objects cannot be passed between processes or pickled")
+
     def _check_running(self) -> None:
-        raise NotImplementedError
+        if self._state != "RUN":
+            raise ValueError("Pool not running")
+
+    # -- what a pool provides: the results and iterators drive it through these ---------------
 
     def _submit(
         self,
@@ -951,9 +969,6 @@ class Pool(PoolAPI):
     def __repr__(self) -> str:
         return f"<{type(self).__name__} state={self._state} pool_size={self._processes}>"
 
-    def __reduce__(self) -> Any:
-        raise NotImplementedError("pool objects cannot be passed between processes or pickled")
-
     # -- workers ----------------------------------------------------------------------------
     def _start_worker(self) -> None:
         task_r, task_w = record_pair()
@@ -995,10 +1010,6 @@ class Pool(PoolAPI):
             self._wake()
 
     # -- submitting ---------------------------------------------------------------------------
-    def _check_running(self) -> None:
-        if self._state != "RUN":
-            raise ValueError("Pool not running")
-
     def _submit(
         self,
         fn: Callable[..., Any],
@@ -1361,10 +1372,8 @@ class Pool(PoolAPI):
                     self._followers[waiter] = None
                     if result is None:
                         self._generic.append(waiter)
-                    elif result._waiters is None:
-                        result._waiters = [waiter]
                     else:
-                        result._waiters.append(waiter)
+                        result._add_waiter(waiter)
                 await waiter.wait()
                 if done():
                     return
@@ -1374,8 +1383,8 @@ class Pool(PoolAPI):
                 self._followers.pop(waiter, None)
                 if result is None:
                     self._generic.remove(waiter)
-                elif result._waiters is not None:
-                    result._waiters.remove(waiter)
+                else:
+                    result._remove_waiter(waiter)
                 if waiter.elected and not self._driving:
                     self._elect()  # it was asked to drive but leaves: ask the next one
 
@@ -1383,7 +1392,7 @@ class Pool(PoolAPI):
     _future_like = True
 
     def _watch_for(self, result: AsyncResult, loop: asyncio.AbstractEventLoop) -> bool:
-        if _asyncio_loop_or_none() is loop and self._loop_watch(loop) is not None:
+        if running_asyncio_loop() is loop and self._loop_watch(loop) is not None:
             self._watching += 1  # the loop drives the pool until the result is ready
             return True
         return super()._watch_for(result, loop)  # a task drives it
@@ -1396,18 +1405,8 @@ class Pool(PoolAPI):
         worker is terminated now and killed after the grace period by a loop timer (its
         death is then seen, reaped and replaced like any other), and the result is marked
         cancelled at once, even if its task runs on."""
-        stop: list[_Worker] = []
         with self._mutex:
-            for job in list(result._jobs):
-                worker = job.worker
-                if worker is None:
-                    self._forget(job)
-                    result._jobs.discard(job)
-                elif job.cancellable:
-                    job.abandoned = True
-                    if worker.inflight and worker.inflight[0] is job and not worker.stopping:
-                        worker.stopping = True
-                        stop.append(worker)
+            stop, _, _ = self._drop_jobs(result)
             result._cancelled = True
             result._finish(None, TaskCancelled("the result was cancelled"))
         loop = result.get_loop()
@@ -1471,10 +1470,7 @@ class Pool(PoolAPI):
         if done():
             return
         waiter = _Waiter(done, loop)
-        if result._waiters is None:
-            result._waiters = [waiter]
-        else:
-            result._waiters.append(waiter)
+        result._add_waiter(waiter)
         self._watching += 1
         try:
             while True:
@@ -1484,8 +1480,7 @@ class Pool(PoolAPI):
                 waiter.rearm()
         finally:
             self._watching -= 1
-            if result._waiters is not None:
-                result._waiters.remove(waiter)
+            result._remove_waiter(waiter)
 
     def _elect(self) -> None:
         """Hand driving over to the oldest waiting task that is not already woken."""
@@ -1529,6 +1524,25 @@ class Pool(PoolAPI):
                     self._parked -= 1
             ready = multi.ready() if self._waiter is multi else None
 
+    def _drop_jobs(self, result: AsyncResult) -> tuple[list[_Worker], bool, bool]:
+        """Give up ``result``'s jobs (under the mutex): drop the unsent ones, mark the sent
+        cancellable ones abandoned and mark for stopping the workers running one of them.
+        Returns ``(workers to stop, some job was cancelled, some job was dropped)``."""
+        stop: list[_Worker] = []
+        cancelled = dropped = False
+        for job in list(result._jobs):
+            worker = job.worker
+            if worker is None:
+                self._forget(job)
+                result._jobs.discard(job)
+                dropped = True
+            elif job.cancellable:
+                job.abandoned = cancelled = True
+                if worker.inflight and worker.inflight[0] is job and not worker.stopping:
+                    worker.stopping = True
+                    stop.append(worker)
+        return stop, cancelled, dropped
+
     async def _abandon(self, result: AsyncResult) -> None:
         """The awaiting task was cancelled before ``result`` was ready.
 
@@ -1537,20 +1551,8 @@ class Pool(PoolAPI):
         replaced; if it waits behind another task there, the worker is stopped when it gets to
         it. A sent task that is not cancellable runs on; its result is discarded.
         """
-        stop: list[_Worker] = []
-        cancelled = dropped = False
         with self._mutex:
-            for job in list(result._jobs):
-                worker = job.worker
-                if worker is None:
-                    self._forget(job)
-                    result._jobs.discard(job)
-                    dropped = True
-                elif job.cancellable:
-                    job.abandoned = cancelled = True
-                    if worker.inflight and worker.inflight[0] is job and not worker.stopping:
-                        worker.stopping = True
-                        stop.append(worker)
+            stop, cancelled, dropped = self._drop_jobs(result)
             if cancelled:
                 why = "the awaiting task was cancelled; the worker running it was stopped"
                 result._finish(None, TaskCancelled(why))

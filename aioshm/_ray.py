@@ -918,14 +918,7 @@ class RayPool(PoolAPI):
     def __repr__(self) -> str:
         return f"<RayPool state={self._state} pool_size={self._processes}>"
 
-    def __reduce__(self) -> Any:
-        raise NotImplementedError("pool objects cannot be passed between processes or pickled")
-
     # -- the pump -------------------------------------------------------------------------------
-    def _check_running(self) -> None:
-        if self._state != "RUN":
-            raise ValueError("Pool not running")
-
     def _submit(
         self,
         fn: Callable[..., Any],

@@ -26,6 +26,7 @@ __all__ = (
     "asyncio_loop",
     "locks_of",
     "loop_watch_supported",
+    "running_asyncio_loop",
 )
 
 
@@ -65,7 +66,7 @@ def locks_of(obj: Any) -> Locks:
     """The :class:`Locks` of ``obj`` for the running event loop (made on first use; epoll fds
     closed with ``obj``, or when another loop takes over: one loop at a time per object)."""
     state = obj._async_state
-    loop = _running_asyncio_loop()  # None under trio
+    loop = running_asyncio_loop()  # None under trio
     if state is None or state.loop is not loop:
         if state is not None:
             state.close()
@@ -302,7 +303,8 @@ def loop_watch_supported() -> bool:
     return sys.platform.startswith("linux")
 
 
-def _running_asyncio_loop() -> Any:
+def running_asyncio_loop() -> Any:
+    """The asyncio loop running in this thread, if any (whatever the current task's library)."""
     return asyncio._get_running_loop()
 
 
