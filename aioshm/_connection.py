@@ -121,6 +121,9 @@ class Connection(_mp_connection.Connection):
         return sock
 
     def _close(self, _close: Any = os.close) -> None:
+        state, self._async_state = self._async_state, None
+        if state is not None:  # the async face's epoll fds (and their loop registration)
+            state.close()
         if self._sock is not None:
             self._sock.detach()
             self._sock = None
@@ -340,38 +343,28 @@ class Connection(_mp_connection.Connection):
     # -- async twins (implemented in aioshm._transport, the layer that imports anyio) -------
     async def send_async(self, obj: Any) -> None:
         """Awaitable :meth:`send`: never blocks the event loop."""
-        from ._transport import _conn
-
-        await _conn.send_async(self, obj)
+        await (_impl or _load_impl()).send_async(self, obj)
 
     async def recv_async(self) -> Any:
         """Awaitable :meth:`recv`. Cancelling it loses no bytes."""
-        from ._transport import _conn
-
-        return await _conn.recv_async(self)
+        return await (_impl or _load_impl()).recv_async(self)
 
     async def send_bytes_async(self, buf: Any, offset: int = 0, size: int | None = None) -> None:
         """Awaitable :meth:`send_bytes`."""
-        from ._transport import _conn
-
-        await _conn.send_bytes_async(self, buf, offset, size)
+        await (_impl or _load_impl()).send_bytes_async(self, buf, offset, size)
 
     async def recv_bytes_async(self, maxlength: int | None = None) -> bytes:
         """Awaitable :meth:`recv_bytes`."""
-        from ._transport import _conn
-
-        return await _conn.recv_bytes_async(self, maxlength)
+        data: bytes = await (_impl or _load_impl()).recv_bytes_async(self, maxlength)
+        return data
 
     async def poll_async(self, timeout: float | None = 0.0) -> bool:
         """Awaitable :meth:`poll`: True once a message is waiting (None waits forever)."""
-        from ._transport import _conn
-
-        return await _conn.poll_async(self, timeout)
+        ready: bool = await (_impl or _load_impl()).poll_async(self, timeout)
+        return ready
 
     def __aiter__(self) -> Any:
-        from ._transport import _conn
-
-        return _conn.iterate(self)
+        return (_impl or _load_impl()).iterate(self)
 
     def __reduce__(self) -> tuple[Any, ...]:
         ref = _reduction.fd_ref(os.dup(self.fileno()), owned=True)
@@ -590,13 +583,13 @@ class RecordChannel:
         sock = self._sock
         if sock is None:
             raise OSError("handle is closed")
-        buf = _recv_buffer()
+        buf = getattr(_tls, "buf", None) or _recv_buffer()
         try:
             n, ancdata, flags, _ = sock.recvmsg_into([buf], _CMSG_SPACE, _RECV_FLAGS)
         except BlockingIOError:
             return None
         data = bytes(buf[:n])
-        fds = _fds_from_ancdata(ancdata, flags) if ancdata or flags else []
+        fds = _fds_from_ancdata(ancdata, flags) if ancdata or flags & _MSG_CTRUNC else []
         if not data and not fds:
             raise EOFError
         if flags & _MSG_TRUNC:
@@ -676,3 +669,16 @@ def record_pair() -> tuple[RecordChannel, RecordChannel]:
     """``(reader, writer)`` ends of a new record socketpair."""
     a, b = _seqpacket_pair()
     return RecordChannel(a, True, False), RecordChannel(b, False, True)
+
+
+# the async faces live in aioshm._transport (the layer that imports anyio), imported on first
+# use: a child that never awaits never imports anyio
+_impl: Any = None
+
+
+def _load_impl() -> Any:
+    global _impl
+    from ._transport import _conn
+
+    _impl = _conn
+    return _impl

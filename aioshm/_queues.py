@@ -163,10 +163,18 @@ class SharedCounts:
             self._words[slot + which] += 1
 
     def put_done(self) -> None:
-        self._add(0)
+        slot = self._slot
+        if slot > 2 and self._gen == _fork_generation:  # our own slot: a plain store
+            self._words[slot] += 1
+        else:
+            self._add(0)
 
     def got(self) -> None:
-        self._add(1)
+        slot = self._slot
+        if slot > 2 and self._gen == _fork_generation:
+            self._words[slot + 1] += 1
+        else:
+            self._add(1)
 
     def qsize(self) -> int:
         words = self._words
@@ -282,6 +290,7 @@ class Queue:
         return time.monotonic() + max(0.0, timeout)
 
     def _try_take_slot(self) -> bool:
+        """Take a free slot of a bounded queue (True at once for an unbounded one)."""
         if self._slots_r < 0:
             return True
         try:
@@ -296,51 +305,43 @@ class Queue:
             except BlockingIOError:
                 pass
 
-    def _count_up(self) -> None:
-        self._counts.put_done()
-
-    def _count_down(self) -> None:
-        self._counts.got()
-
     def _check_closed(self) -> None:
         if self._closed:
             raise ValueError(f"Queue {self!r} is closed")
 
     def _check_put(self) -> None:
         self._check_closed()
-        if self._is_shutdown():
+        if self._counts.shut_down:
             raise QueueShutDown(f"Queue {self!r} is shut down")
 
     # -- steps shared by the blocking and the async face --------------------------------------
     def _try_put(self, record: Any, fds: list[int], have_slot: bool) -> tuple[bool, bool]:
         """One non-blocking attempt: ``(done, have_slot)``."""
         if not have_slot:
-            have_slot = self._try_take_slot()
+            have_slot = self._slots_r < 0 or self._try_take_slot()
             if not have_slot:
                 return False, False
-        self._count_up()
+        counts = self._counts
+        counts.put_done()  # before the item can be taken, so qsize() never goes negative
         try:
             sent = self._writer.try_send_record(record, fds)
         except BaseException:
-            self._count_down()
+            counts.got()
             self._give_slot()
             raise
         if not sent:
-            self._count_down()
+            counts.got()
             return False, True
-        self._on_put()
         return True, True
 
     def _try_get(self) -> Any:
         """One non-blocking attempt: the record ``(data, fds)`` or None."""
         got = self._reader.try_recv_record()
         if got is not None:
-            self._count_down()
-            self._give_slot()
+            self._counts.got()
+            if self._slots_w >= 0:
+                self._give_slot()
         return got
-
-    def _on_put(self) -> None:
-        pass
 
     # -- the stdlib API ---------------------------------------------------------------------
     def put(self, obj: Any, block: bool = True, timeout: float | None = None) -> None:
@@ -452,6 +453,9 @@ class Queue:
         if self._closed:
             return
         self._closed = True
+        state, self._async_state = self._async_state, None
+        if state is not None:  # wakes a get_async parked on the reader, which then raises
+            state.close()
         self._reader.close()
 
     def join_thread(self) -> None:
@@ -464,21 +468,15 @@ class Queue:
     # -- the async face (implemented in aioshm._transport) ----------------------------------
     async def put_async(self, obj: Any, block: bool = True, timeout: float | None = None) -> None:
         """Awaitable :meth:`put`: a full queue suspends the task, never the event loop."""
-        from ._transport import _queue as impl
-
-        await impl.put_async(self, obj, block, timeout)
+        await (_impl or _load_impl()).put_async(self, obj, block, timeout)
 
     async def get_async(self, block: bool = True, timeout: float | None = None) -> Any:
         """Awaitable :meth:`get`. Cancelling it never loses an item."""
-        from ._transport import _queue as impl
-
-        return await impl.get_async(self, block, timeout)
+        return await (_impl or _load_impl()).get_async(self, block, timeout)
 
     def __aiter__(self) -> Any:
         """``async for item in q``: get items until the queue is shut down and drained."""
-        from ._transport import _queue as impl
-
-        return impl.iterate(self)
+        return (_impl or _load_impl()).iterate(self)
 
 
 class JoinableQueue(Queue):
@@ -546,9 +544,7 @@ class JoinableQueue(Queue):
 
     async def join_async(self) -> None:
         """Awaitable :meth:`join`."""
-        from ._transport import _queue as impl
-
-        await impl.join_async(self)
+        await (_impl or _load_impl()).join_async(self)
 
 
 def _drain(fd: int) -> None:
@@ -610,12 +606,21 @@ class SimpleQueue:
 
     async def get_async(self) -> Any:
         """Awaitable :meth:`get`."""
-        from ._transport import _queue as impl
-
-        return await impl.simple_get_async(self)
+        return await (_impl or _load_impl()).simple_get_async(self)
 
     async def put_async(self, obj: Any) -> None:
         """Awaitable :meth:`put`."""
-        from ._transport import _queue as impl
+        await (_impl or _load_impl()).simple_put_async(self, obj)
 
-        await impl.simple_put_async(self, obj)
+
+# the async faces live in aioshm._transport (the layer that imports anyio), imported on first
+# use: a child that never awaits never imports anyio
+_impl: Any = None
+
+
+def _load_impl() -> Any:
+    global _impl
+    from ._transport import _queue
+
+    _impl = _queue
+    return _impl

@@ -11,6 +11,8 @@ DESIGN.md §2.1 (the ``*_async`` twins), §2.5 (the transport), §2.2 (arrays as
   blocked child), ``async for`` ending after shutdown and drain, ``JoinableQueue.join_async``,
   many-producer/many-consumer exchange with nothing lost or duplicated, and cancelled
   ``get_async`` calls that lose no item;
+* closing: a task parked in ``recv_async``, ``poll_async`` or ``get_async`` when the object is
+  closed wakes with the error a later call would get;
 * loop hygiene: a ticking task keeps ticking while 512 MiB goes to a child and back.
 
 Children are started with the async face's default start method (forkserver on Linux), report
@@ -586,6 +588,42 @@ async def test_cancelled_get_async_loses_no_item() -> None:
     finally:
         q.close()
         reap([p])
+
+
+@pytest.mark.timeout(60)
+async def test_closing_wakes_a_parked_receiver_with_an_error() -> None:
+    """A task parked in ``recv_async``, ``poll_async`` or ``get_async`` when another task
+    closes the connection or the queue wakes at once with the error a later call would get
+    (OSError, ValueError), instead of waiting forever on an fd that is gone."""
+    a, b = aioshm.Pipe()
+    c, d = aioshm.Pipe()
+    q = CTX.Queue()
+    errors: dict[str, BaseException] = {}
+
+    async def expect_error(name: str, call: Any) -> None:
+        try:
+            await call()
+        except (OSError, ValueError) as exc:
+            errors[name] = exc
+
+    try:
+        with anyio.fail_after(WAIT):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(expect_error, "recv", a.recv_async)
+                tg.start_soon(expect_error, "poll", lambda: c.poll_async(None))
+                tg.start_soon(expect_error, "get", q.get_async)
+                await anyio.wait_all_tasks_blocked()  # all three are parked
+                a.close()
+                c.close()
+                q.close()
+        assert sorted(errors) == ["get", "poll", "recv"]
+        assert isinstance(errors["recv"], OSError) and "closed" in str(errors["recv"])
+        assert isinstance(errors["poll"], OSError) and "closed" in str(errors["poll"])
+        assert isinstance(errors["get"], ValueError) and "closed" in str(errors["get"])
+    finally:
+        for conn in (a, b, c, d):
+            conn.close()
+        q.close()
 
 
 @pytest.mark.timeout(60)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 import socket
 import struct
 from collections.abc import AsyncIterator
@@ -14,7 +15,7 @@ import anyio.lowlevel
 from .. import _reduction
 from .._exceptions import ProtocolError
 from .._wire import encode_frame
-from ._waits import copy_in_chunks, locks_of
+from ._waits import Locks, copy_in_chunks, locks_of
 
 if TYPE_CHECKING:
     from .._connection import Connection
@@ -24,6 +25,7 @@ __all__ = ("iterate", "poll_async", "recv_async", "recv_bytes_async", "send_asyn
 _DONTWAIT = int(socket.MSG_DONTWAIT)
 _FAST_MAX = 16 * 1024
 _PACK_I = struct.Struct("!i").pack
+_POLLIN = select.POLLIN
 
 
 async def _wait(conn: Connection, *, write: bool) -> None:
@@ -50,8 +52,9 @@ async def _send_payload(conn: Connection, data: Any, fds: list[int]) -> None:
     conn._check_closed()
     conn._check_writable()
     frame = encode_frame(data)
-    lock = locks_of(conn).write
-    await anyio.lowlevel.checkpoint_if_cancelled()
+    locks = locks_of(conn)
+    lock = locks.write
+    await locks.backend.checkpoint_if_cancelled()
     if not lock.locked():
         # fast path: no other task of this loop is sending, and nothing below awaits
         sent = conn._send_first(frame[0], fds)
@@ -91,10 +94,12 @@ async def send_async(conn: Connection, obj: Any) -> None:
     data, fds, owned = _reduction.dumps(obj, copies)
     if not fds and not copies and len(data) <= _FAST_MAX:
         # the common case: one small frame, written whole or not at all by a single send
-        conn._check_closed()
-        conn._check_writable()
-        await anyio.lowlevel.checkpoint_if_cancelled()
-        if not locks_of(conn).write.locked():
+        if conn._handle is None or not conn._writable:
+            conn._check_closed()
+            conn._check_writable()
+        locks = locks_of(conn)
+        await locks.backend.checkpoint_if_cancelled()
+        if not locks.write.locked():
             frame = _PACK_I(len(data)) + data
             try:
                 sent = conn._socket().send(frame, _DONTWAIT)
@@ -135,6 +140,10 @@ async def send_bytes_async(
 def _try_frame(conn: Connection) -> tuple[bytes, list[int]] | None:
     """A complete frame if one can be had without blocking."""
     try:
+        if conn._decoder is None:  # the common case: nothing buffered, try for a whole frame
+            got = conn._fast_frame(_DONTWAIT)
+            if got is not None:
+                return got
         while True:
             got = conn._next_frame()
             if got is not None:
@@ -155,36 +164,52 @@ def _try_frame(conn: Connection) -> tuple[bytes, list[int]] | None:
 _FAIRNESS = 16
 
 
+async def _wait_readable(conn: Connection, locks: Locks) -> None:
+    """Wait until the connection's fd is readable (or the connection is closed). The fd sits
+    in an epoll fd of the connection's own, which on asyncio stays registered with the loop
+    from one wait to the next (no registration per receive); the connection's fd keeps its
+    blocking mode whatever the loop, and closing the connection wakes the waiter."""
+    waiter = locks.waits.get("read") or locks.wait_for("read", [(conn.fileno(), _POLLIN)])
+    await waiter.wait()
+
+
 async def _recv_frame(conn: Connection) -> tuple[bytes, list[int]]:
-    conn._check_closed()
-    conn._check_readable()
-    lock = locks_of(conn).read
-    await anyio.lowlevel.checkpoint_if_cancelled()
-    tried = False
-    if not lock.locked():
+    if conn._handle is None or not conn._readable:
+        conn._check_closed()
+        conn._check_readable()
+    locks = locks_of(conn)
+    await locks.backend.checkpoint_if_cancelled()
+    lock = locks.read
+    if lock.locked():
+        await lock.acquire()  # queue up (FIFO) behind the task receiving now
+        tried = False
+    else:
         got = _try_frame(conn)  # fast path: nothing awaits in between
         if got is not None:
             conn._eager = eager = conn._eager + 1
             if eager >= _FAIRNESS:
                 conn._eager = 0
                 # the frame is ours: yield to other tasks without a cancellation point
-                await anyio.lowlevel.cancel_shielded_checkpoint()
+                await locks.backend.cancel_shielded_checkpoint()
             return got
+        # the lock is free and nothing awaited since: taking it does not yield, so the frame
+        # just tried for is still missing: wait first (a frame that came meanwhile makes the
+        # wait return at once)
+        lock.acquire_nowait()
         tried = True
     conn._eager = 0
-    async with lock:
-        # tried: the lock was free, and a free lock (fast_acquire) is taken without
-        # yielding, so the frame just tried for is still missing: wait first (a frame that
-        # came meanwhile makes the wait return at once)
+    try:
         if not tried:
             got = _try_frame(conn)
             if got is not None:
                 return got
         while True:
-            await _wait(conn, write=False)
+            await _wait_readable(conn, locks)
             got = _try_frame(conn)
             if got is not None:
                 return got
+    finally:
+        lock.release()
 
 
 async def recv_async(conn: Connection) -> Any:
@@ -214,10 +239,14 @@ async def poll_async(conn: Connection, timeout: float | None = 0.0) -> bool:
     if timeout is not None and timeout <= 0:
         await anyio.lowlevel.checkpoint()
         return conn.poll(0)
-    async with locks_of(conn).read:
+    locks = locks_of(conn)
+    async with locks.read:
         with anyio.move_on_after(timeout):
-            await _wait(conn, write=False)
-            return True
+            while True:
+                await _wait_readable(conn, locks)
+                conn._check_closed()  # closed by another task meanwhile
+                if conn._poll(0):  # a wake-up may be stale: the fd was readable a moment ago
+                    return True
     return False
 
 

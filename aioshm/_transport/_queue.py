@@ -56,14 +56,15 @@ async def _wait_until(waiter: Any, deadline: float) -> bool:
 
 
 async def put_async(q: Queue, obj: Any, block: bool, timeout: float | None) -> None:
-    q._check_put()
+    if q._closed or q._counts.shut_down:
+        q._check_put()
     copies: list[Any] = []
     record, fds, owned = q._writer.encode(obj, copies)
     try:
         if copies:
             await copy_in_chunks(copies)
-        await anyio.lowlevel.checkpoint_if_cancelled()
         locks = locks_of(q)
+        await locks.backend.checkpoint_if_cancelled()
         if not locks.write.locked():
             # fast path, like loop.sock_sendall: no other task of ours is putting, and the
             # item goes out at once (nothing awaits in between)
@@ -72,10 +73,9 @@ async def put_async(q: Queue, obj: Any, block: bool, timeout: float | None) -> N
                 return
             if have_slot:
                 q._give_slot()
-        locks = locks_of(q)
         deadline = _deadline(block, timeout)
         async with locks.write:
-            await anyio.lowlevel.checkpoint_if_cancelled()
+            await locks.backend.checkpoint_if_cancelled()
             have_slot = False
             # like loop.sock_sendall: no yield when the item goes out at once
             try:
@@ -84,7 +84,7 @@ async def put_async(q: Queue, obj: Any, block: bool, timeout: float | None) -> N
                     if done:
                         have_slot = False
                         break
-                    if q._is_shutdown():
+                    if q._counts.shut_down:
                         raise QueueShutDown(f"Queue {q!r} is shut down")
                     if have_slot:
                         waiter = locks.wait_for(
@@ -98,7 +98,8 @@ async def put_async(q: Queue, obj: Any, block: bool, timeout: float | None) -> N
                 if have_slot:  # cancelled, timed out or shut down while holding a slot
                     q._give_slot()
     finally:
-        _reduction.close_owned(fds, owned)
+        if fds:
+            _reduction.close_owned(fds, owned)
 
 
 #: A get that finds its item already there does not yield, like ``loop.sock_recv``; every
@@ -107,43 +108,50 @@ _FAIRNESS = 16
 
 
 async def get_async(q: Queue, block: bool, timeout: float | None) -> Any:
-    q._check_closed()
+    if q._closed:
+        q._check_closed()
     locks = locks_of(q)
-    await anyio.lowlevel.checkpoint_if_cancelled()
+    await locks.backend.checkpoint_if_cancelled()
     if not locks.read.locked():
         got = q._try_get()  # fast path: nothing awaits between taking it and returning it
         if got is not None:
             q._eager = eager = q._eager + 1
             if eager >= _FAIRNESS:
                 q._eager = 0
-                await anyio.lowlevel.cancel_shielded_checkpoint()
+                await locks.backend.cancel_shielded_checkpoint()
             return q._reader.decode(*got)
         tried = True  # and the lock was free: taking it below does not yield
     else:
         tried = False
     q._eager = 0
-    deadline = _deadline(block, timeout)
+    deadline = math.inf if block and timeout is None else _deadline(block, timeout)
     waited = False
     lock = locks.read
     if tried:
         lock.acquire_nowait()  # free (checked above, nothing awaited since): no checkpoint
     else:
         await lock.acquire()
-        await anyio.lowlevel.checkpoint_if_cancelled()  # we queued for the lock
+        await locks.backend.checkpoint_if_cancelled()  # we queued for the lock
     try:
         while True:
             if not tried:
+                if waited:
+                    q._check_closed()  # closed by another task while this one waited
                 got = q._try_get()
                 if got is not None:
                     break
                 # the wait watches the shutdown pipe too: check it first only after a wait
                 # (and before the first one, for a non-blocking get)
-                if (waited or deadline == -math.inf) and q._is_shutdown():
+                if (waited or deadline == -math.inf) and q._counts.shut_down:
                     raise QueueShutDown(f"Queue {q!r} is shut down and empty")
             tried = False
-            waiter = locks.wait_for("item", [(q._reader.fileno(), _IN), (q._shut_r, _IN)])
-            if not await _wait_until(waiter, deadline):
-                if q._is_shutdown():
+            waiter = locks.waits.get("item") or locks.wait_for(
+                "item", [(q._reader.fileno(), _IN), (q._shut_r, _IN)]
+            )
+            if deadline == math.inf:
+                await waiter.wait()
+            elif not await _wait_until(waiter, deadline):
+                if q._counts.shut_down:
                     raise QueueShutDown(f"Queue {q!r} is shut down and empty")
                 raise _queue.Empty
             waited = True
@@ -151,7 +159,7 @@ async def get_async(q: Queue, block: bool, timeout: float | None) -> Any:
         lock.release()
     if not waited:
         # the record is ours now: yield without a cancellation point, so it cannot be lost
-        await anyio.lowlevel.cancel_shielded_checkpoint()
+        await locks.backend.cancel_shielded_checkpoint()
     return q._reader.decode(*got)
 
 

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 
 sniffio: Any
 try:
@@ -39,10 +40,16 @@ class Locks:
     another loop later (a new ``asyncio.run``, or trio) gets new ones.
     """
 
-    __slots__ = ("__weakref__", "join", "loop", "read", "waits", "write")
+    __slots__ = ("__weakref__", "aio", "backend", "join", "loop", "read", "waits", "write")
 
     def __init__(self, loop: Any = None) -> None:
         self.loop = loop
+        #: the asyncio loop if the tasks using these locks are asyncio tasks (not trio, even
+        #: in guest mode on an asyncio host): their waits park on that loop's futures
+        self.aio = asyncio_loop() if loop is not None else None
+        #: anyio's backend class for the running library, looked up once instead of per call
+        #: (``backend.checkpoint_if_cancelled()`` is ``anyio.lowlevel``'s without the sniffing)
+        self.backend = _current_backend()
         # fast_acquire: an uncontended acquire does not yield (the waits below do)
         self.read = anyio.Lock(fast_acquire=True)
         self.write = anyio.Lock(fast_acquire=True)
@@ -53,7 +60,7 @@ class Locks:
         """The cached :class:`MultiWait` for ``key`` (built from ``fds`` on first use)."""
         mw = self.waits.get(key)
         if mw is None:
-            mw = self.waits[key] = MultiWait(fds, persistent=True)
+            mw = self.waits[key] = MultiWait(fds, persistent=True, loop=self.aio)
         return mw
 
     def close(self) -> None:
@@ -137,19 +144,25 @@ class MultiWait:
 
     Cheaper than a task group per wait and exact: the epoll fd is readable exactly when one
     of its registered fds is. (kqueue fds are pollable the same way on macOS.) A ``persistent``
-    one that is waited on again and again (a queue's) keeps its epoll fd registered with an
-    asyncio loop between waits (:class:`_LoopReader`) and parks each wait on a future.
+    one that is waited on again and again (a queue's, a connection's) keeps its epoll fd
+    registered with an asyncio loop between waits (:class:`_LoopReader`) and parks each wait
+    on a future.
     """
 
-    __slots__ = ("_ep", "_fut", "_idle", "_persistent", "_reader", "fds")
+    __slots__ = ("_ep", "_fut", "_idle", "_loop", "_persistent", "_reader", "_waiting", "fds")
 
-    def __init__(self, fds: list[tuple[int, int]], *, persistent: bool = False) -> None:
-        """``fds`` are ``(fd, select.POLLIN or select.POLLOUT)`` pairs."""
+    def __init__(
+        self, fds: list[tuple[int, int]], *, persistent: bool = False, loop: Any = None
+    ) -> None:
+        """``fds`` are ``(fd, select.POLLIN or select.POLLOUT)`` pairs. ``loop``: the asyncio
+        loop every wait of a persistent one comes from (else it is looked up per wait)."""
         self.fds = list(fds)
         self._persistent = persistent and loop_watch_supported()
+        self._loop = loop
         self._reader: _LoopReader | None = None
         self._fut: Any = None  # the parked wait (persistent, asyncio)
         self._idle = 0  # the reader's callbacks with no wait parked
+        self._waiting = False  # a wait through anyio.wait_readable is on (trio, ...)
         if sys.platform.startswith("linux"):
             self._ep: Any = select.epoll()
             for fd, events in self.fds:
@@ -171,10 +184,25 @@ class MultiWait:
             )
 
     async def wait(self) -> None:
+        reader = self._reader
+        if (
+            reader is not None
+            and reader.registered
+            and reader.loop is self._loop
+            and self._fut is None
+        ):
+            # the common case of a queue's or connection's waits: still registered with the
+            # loop these waits come from (a Locks' loop, one thread), nobody else parked
+            fut = self._fut = reader.loop.create_future()
+            self._idle = 0
+            try:
+                await fut
+            finally:
+                self._fut = None
+            return
         if self._persistent:
-            loop = asyncio_loop()
+            loop = self._loop or asyncio_loop()
             if loop is not None:
-                reader = self._reader
                 if reader is not None and not reader.serves(loop) and reader.dead():
                     reader = self._reader = None  # its loop is gone: register with this one
                 if reader is None:
@@ -190,7 +218,13 @@ class MultiWait:
                     finally:
                         self._fut = None
                     return
-        await anyio.wait_readable(self._ep.fileno())
+        self._waiting = True
+        try:
+            await anyio.wait_readable(self._ep.fileno())
+        except anyio.ClosedResourceError:
+            pass  # closed meanwhile (see close()): the caller finds its object closed
+        finally:
+            self._waiting = False
 
     def _fire(self) -> None:
         fut = self._fut
@@ -212,11 +246,32 @@ class MultiWait:
         return {ev.ident for ev in self._ep.control(None, len(self.fds), 0)}  # pragma: no cover
 
     def close(self) -> None:
+        """Close the epoll fd. A wait parked on it returns (its caller then finds its object
+        closed) instead of waiting forever on an fd that is gone."""
+        fut, self._fut = self._fut, None
+        if fut is not None and self._reader is not None and not self._reader.dead():
+            if threading.get_ident() == self._reader.thread:
+                _resolve(fut)
+            else:
+                try:
+                    self._reader.loop.call_soon_threadsafe(_resolve, fut)
+                except RuntimeError:  # the loop closed meanwhile
+                    pass
+        if self._waiting and not self._ep.closed:
+            try:  # wakes the waiting task (its library must be running in this thread)
+                anyio.notify_closing(self._ep.fileno())
+            except Exception:  # noqa: S110 - closed from elsewhere: nothing to wake from here
+                pass
         if self._reader is not None:
             reader, self._reader = self._reader, None
             reader.close(self._ep.close)
         else:
             self._ep.close()
+
+
+def _resolve(fut: Any) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 class LoopWatch:
@@ -299,13 +354,34 @@ class LoopWatch:
             self._reader.close(self._ep.close)
 
 
+class _PublicBackend:
+    """``anyio.lowlevel``'s checkpoints, for an anyio whose backend classes are out of reach."""
+
+    checkpoint_if_cancelled = staticmethod(anyio.lowlevel.checkpoint_if_cancelled)
+    cancel_shielded_checkpoint = staticmethod(anyio.lowlevel.cancel_shielded_checkpoint)
+
+
+def _current_backend() -> Any:
+    """anyio's backend class for the running async library (what every ``anyio.lowlevel``
+    call looks up through sniffio first): a private anyio helper, so any failure falls back
+    to the public functions."""
+    try:
+        from anyio._core._eventloop import get_async_backend
+
+        backend = get_async_backend()
+        backend.checkpoint_if_cancelled  # noqa: B018 - both must be there
+        backend.cancel_shielded_checkpoint  # noqa: B018
+    except Exception:  # pragma: no cover - another anyio layout
+        return _PublicBackend
+    return backend
+
+
 def loop_watch_supported() -> bool:
     return sys.platform.startswith("linux")
 
 
-def running_asyncio_loop() -> Any:
-    """The asyncio loop running in this thread, if any (whatever the current task's library)."""
-    return asyncio._get_running_loop()
+#: The asyncio loop running in this thread, if any (whatever the current task's library).
+running_asyncio_loop: Callable[[], Any] = asyncio._get_running_loop
 
 
 def asyncio_loop() -> Any:
