@@ -398,7 +398,7 @@ def asyncio_loop() -> Any:
 
 #: Large value copies made for an async send are done this many bytes at a time, yielding to
 #: the event loop in between: a 512 MiB array never stalls the loop for one long copy.
-COPY_CHUNK = 4 << 20
+COPY_CHUNK = 1 << 20
 
 
 async def copy_in_chunks(copies: list[tuple[Any, Any]]) -> None:
