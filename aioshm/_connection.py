@@ -583,7 +583,7 @@ class RecordChannel:
         sock = self._sock
         if sock is None:
             raise OSError("handle is closed")
-        buf = getattr(_tls, "buf", None) or _recv_buffer()
+        buf = _recv_buffer()
         try:
             n, ancdata, flags, _ = sock.recvmsg_into([buf], _CMSG_SPACE, _RECV_FLAGS)
         except BlockingIOError:

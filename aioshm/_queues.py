@@ -163,18 +163,10 @@ class SharedCounts:
             self._words[slot + which] += 1
 
     def put_done(self) -> None:
-        slot = self._slot
-        if slot > 2 and self._gen == _fork_generation:  # our own slot: a plain store
-            self._words[slot] += 1
-        else:
-            self._add(0)
+        self._add(0)
 
     def got(self) -> None:
-        slot = self._slot
-        if slot > 2 and self._gen == _fork_generation:
-            self._words[slot + 1] += 1
-        else:
-            self._add(1)
+        self._add(1)
 
     def qsize(self) -> int:
         words = self._words
@@ -290,7 +282,6 @@ class Queue:
         return time.monotonic() + max(0.0, timeout)
 
     def _try_take_slot(self) -> bool:
-        """Take a free slot of a bounded queue (True at once for an unbounded one)."""
         if self._slots_r < 0:
             return True
         try:
@@ -318,7 +309,7 @@ class Queue:
     def _try_put(self, record: Any, fds: list[int], have_slot: bool) -> tuple[bool, bool]:
         """One non-blocking attempt: ``(done, have_slot)``."""
         if not have_slot:
-            have_slot = self._slots_r < 0 or self._try_take_slot()
+            have_slot = self._try_take_slot()
             if not have_slot:
                 return False, False
         counts = self._counts
@@ -339,8 +330,7 @@ class Queue:
         got = self._reader.try_recv_record()
         if got is not None:
             self._counts.got()
-            if self._slots_w >= 0:
-                self._give_slot()
+            self._give_slot()
         return got
 
     # -- the stdlib API ---------------------------------------------------------------------

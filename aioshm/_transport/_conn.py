@@ -94,9 +94,8 @@ async def send_async(conn: Connection, obj: Any) -> None:
     data, fds, owned = _reduction.dumps(obj, copies)
     if not fds and not copies and len(data) <= _FAST_MAX:
         # the common case: one small frame, written whole or not at all by a single send
-        if conn._handle is None or not conn._writable:
-            conn._check_closed()
-            conn._check_writable()
+        conn._check_closed()
+        conn._check_writable()
         locks = locks_of(conn)
         await locks.backend.checkpoint_if_cancelled()
         if not locks.write.locked():
@@ -140,10 +139,6 @@ async def send_bytes_async(
 def _try_frame(conn: Connection) -> tuple[bytes, list[int]] | None:
     """A complete frame if one can be had without blocking."""
     try:
-        if conn._decoder is None:  # the common case: nothing buffered, try for a whole frame
-            got = conn._fast_frame(_DONTWAIT)
-            if got is not None:
-                return got
         while True:
             got = conn._next_frame()
             if got is not None:
@@ -169,14 +164,12 @@ async def _wait_readable(conn: Connection, locks: Locks) -> None:
     in an epoll fd of the connection's own, which on asyncio stays registered with the loop
     from one wait to the next (no registration per receive); the connection's fd keeps its
     blocking mode whatever the loop, and closing the connection wakes the waiter."""
-    waiter = locks.waits.get("read") or locks.wait_for("read", [(conn.fileno(), _POLLIN)])
-    await waiter.wait()
+    await locks.wait_for("read", [(conn.fileno(), _POLLIN)]).wait()
 
 
 async def _recv_frame(conn: Connection) -> tuple[bytes, list[int]]:
-    if conn._handle is None or not conn._readable:
-        conn._check_closed()
-        conn._check_readable()
+    conn._check_closed()
+    conn._check_readable()
     locks = locks_of(conn)
     await locks.backend.checkpoint_if_cancelled()
     lock = locks.read

@@ -56,8 +56,7 @@ async def _wait_until(waiter: Any, deadline: float) -> bool:
 
 
 async def put_async(q: Queue, obj: Any, block: bool, timeout: float | None) -> None:
-    if q._closed or q._counts.shut_down:
-        q._check_put()
+    q._check_put()
     copies: list[Any] = []
     record, fds, owned = q._writer.encode(obj, copies)
     try:
@@ -98,8 +97,7 @@ async def put_async(q: Queue, obj: Any, block: bool, timeout: float | None) -> N
                 if have_slot:  # cancelled, timed out or shut down while holding a slot
                     q._give_slot()
     finally:
-        if fds:
-            _reduction.close_owned(fds, owned)
+        _reduction.close_owned(fds, owned)
 
 
 #: A get that finds its item already there does not yield, like ``loop.sock_recv``; every
@@ -108,8 +106,7 @@ _FAIRNESS = 16
 
 
 async def get_async(q: Queue, block: bool, timeout: float | None) -> Any:
-    if q._closed:
-        q._check_closed()
+    q._check_closed()
     locks = locks_of(q)
     await locks.backend.checkpoint_if_cancelled()
     if not locks.read.locked():
@@ -124,7 +121,7 @@ async def get_async(q: Queue, block: bool, timeout: float | None) -> Any:
     else:
         tried = False
     q._eager = 0
-    deadline = math.inf if block and timeout is None else _deadline(block, timeout)
+    deadline = _deadline(block, timeout)
     waited = False
     lock = locks.read
     if tried:
@@ -145,12 +142,8 @@ async def get_async(q: Queue, block: bool, timeout: float | None) -> Any:
                 if (waited or deadline == -math.inf) and q._counts.shut_down:
                     raise QueueShutDown(f"Queue {q!r} is shut down and empty")
             tried = False
-            waiter = locks.waits.get("item") or locks.wait_for(
-                "item", [(q._reader.fileno(), _IN), (q._shut_r, _IN)]
-            )
-            if deadline == math.inf:
-                await waiter.wait()
-            elif not await _wait_until(waiter, deadline):
+            waiter = locks.wait_for("item", [(q._reader.fileno(), _IN), (q._shut_r, _IN)])
+            if not await _wait_until(waiter, deadline):
                 if q._counts.shut_down:
                     raise QueueShutDown(f"Queue {q!r} is shut down and empty")
                 raise _queue.Empty

@@ -184,40 +184,18 @@ class MultiWait:
             )
 
     async def wait(self) -> None:
-        reader = self._reader
-        if (
-            reader is not None
-            and reader.registered
-            and reader.loop is self._loop
-            and self._fut is None
-        ):
-            # the common case of a queue's or connection's waits: still registered with the
-            # loop these waits come from (a Locks' loop, one thread), nobody else parked
+        reader = self._loop_reader()
+        if reader is not None:
+            if self._fut is not None and not self._fut.done():
+                raise anyio.BusyResourceError("waiting on")
             fut = self._fut = reader.loop.create_future()
             self._idle = 0
+            reader.start()
             try:
                 await fut
             finally:
                 self._fut = None
             return
-        if self._persistent:
-            loop = self._loop or asyncio_loop()
-            if loop is not None:
-                if reader is not None and not reader.serves(loop) and reader.dead():
-                    reader = self._reader = None  # its loop is gone: register with this one
-                if reader is None:
-                    reader = self._reader = _LoopReader(loop, self._ep.fileno(), self._fire)
-                if reader.serves(loop):
-                    if self._fut is not None and not self._fut.done():
-                        raise anyio.BusyResourceError("waiting on")
-                    fut = self._fut = loop.create_future()
-                    self._idle = 0
-                    reader.start()
-                    try:
-                        await fut
-                    finally:
-                        self._fut = None
-                    return
         self._waiting = True
         try:
             await anyio.wait_readable(self._ep.fileno())
@@ -225,6 +203,23 @@ class MultiWait:
             pass  # closed meanwhile (see close()): the caller finds its object closed
         finally:
             self._waiting = False
+
+    def _loop_reader(self) -> _LoopReader | None:
+        """The registration with the running asyncio loop a persistent wait parks on (made
+        on first use); None when not persistent or not on asyncio."""
+        if not self._persistent:
+            return None
+        reader = self._reader
+        if reader is not None and self._loop is not None and reader.loop is self._loop:
+            return reader  # the common case: the loop of our Locks (one thread)
+        loop = self._loop or asyncio_loop()
+        if loop is None:
+            return None
+        if reader is not None and not reader.serves(loop) and reader.dead():
+            reader = self._reader = None  # its loop is gone: register with this one
+        if reader is None:
+            reader = self._reader = _LoopReader(loop, self._ep.fileno(), self._fire)
+        return reader if reader.serves(loop) else None
 
     def _fire(self) -> None:
         fut = self._fut
