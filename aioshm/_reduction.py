@@ -87,15 +87,28 @@ def set_share_threshold(nbytes: int) -> None:
     _threshold = nbytes
 
 
+class _State:
+    """What the pickling and unpickling in one thread share with the reducers they call."""
+
+    __slots__ = ("buffer", "copies", "incoming", "memo", "out", "owned", "pickler", "pickling")
+
+    def __init__(self) -> None:
+        self.out: list[int] | None = None  # fds collected for the message being pickled
+        self.owned: list[bool] | None = None  # whether each collected fd is ours to close
+        self.memo: dict[object, int] | None = None
+        self.incoming: list[int | None] | None = None  # fds received with the message
+        self.copies: list[Any] | None = None  # large value copies an async sender makes
+        self.pickler: _Pickler | None = None  # this thread's reusable pickler, its buffer
+        self.buffer: io.BytesIO | None = None
+        self.pickling = False  # the pickler is in use (a nested dump gets a fresh one)
+
+
 class _Local(threading.local):
-    out: list[int] | None = None  # fds collected for the message being pickled
-    owned: list[bool] | None = None  # whether each collected fd is ours to close after sending
-    memo: dict[object, int] | None = None
-    incoming: list[int | None] | None = None  # fds received with the message being unpickled
-    copies: list[Any] | None = None  # large value copies an async sender does in chunks
-    pickler: _Pickler | None = None  # this thread's reusable pickler, and its buffer
-    buffer: io.BytesIO | None = None
-    pickling = False  # the pickler is in use (a nested dump gets a fresh one)
+    """One :class:`_State` per thread, fetched once per call (a ``threading.local``
+    attribute costs a per-thread dict lookup; a slot does not)."""
+
+    def __init__(self) -> None:
+        self.state = _State()
 
 
 _local = _Local()
@@ -113,25 +126,24 @@ class _Pickler(pickle.Pickler):
     )
 
 
-def _pickle(obj: object) -> bytes:
-    if _local.pickling or _local.pickler is None:
-        if _local.pickling:  # a reducer pickles something itself: not the shared one
+def _pickle(obj: object, st: _State) -> bytes:
+    pickler, buf = st.pickler, st.buffer
+    if st.pickling or pickler is None or buf is None:
+        if st.pickling:  # a reducer pickles something itself: not the shared one
             fresh = io.BytesIO()
             _Pickler(fresh, pickle.HIGHEST_PROTOCOL).dump(obj)
             return fresh.getvalue()
-        _local.buffer = io.BytesIO()
-        _local.pickler = _Pickler(_local.buffer, pickle.HIGHEST_PROTOCOL)
-    pickler, buf = _local.pickler, _local.buffer
-    assert pickler is not None and buf is not None
-    _local.pickling = True
+        buf = st.buffer = io.BytesIO()
+        pickler = st.pickler = _Pickler(buf, pickle.HIGHEST_PROTOCOL)
+    st.pickling = True
     try:
         pickler.dump(obj)
         return buf.getvalue()
     except BaseException:
-        _local.pickler = None  # whatever state a failed dump left it in
+        st.pickler = None  # whatever state a failed dump left it in
         raise
     finally:
-        _local.pickling = False
+        st.pickling = False
         pickler.clear_memo()
         buf.seek(0)
         buf.truncate()
@@ -146,10 +158,11 @@ def fd_ref(fd: int, *, owned: bool, memo_key: object = None) -> object:
     In an aioshm message this is an index into the fds sent with it; otherwise a stdlib
     ``DupFd``. ``owned`` fds (tickets) are closed once the message has been sent.
     """
-    out = _local.out
+    st = _local.state
+    out = st.out
     if out is not None:
-        memo = _local.memo
-        assert memo is not None and _local.owned is not None
+        memo = st.memo
+        assert memo is not None and st.owned is not None
         if memo_key is not None and memo_key in memo:
             if owned:
                 os.close(fd)
@@ -162,7 +175,7 @@ def fd_ref(fd: int, *, owned: bool, memo_key: object = None) -> object:
                 "send fewer distinct arrays per message"
             )
         out.append(fd)
-        _local.owned.append(owned)
+        st.owned.append(owned)
         if memo_key is not None:
             memo[memo_key] = len(out) - 1
         return len(out) - 1
@@ -192,7 +205,7 @@ def release_spawn_fds(popen: Any) -> None:
 def take_fd(ref: object) -> int:
     """The fd a reference made by :func:`fd_ref` stands for, owned by the caller."""
     if isinstance(ref, int):
-        incoming = _local.incoming
+        incoming = _local.state.incoming
         if incoming is None or not 0 <= ref < len(incoming) or incoming[ref] is None:
             raise ProtocolError(f"message refers to fd #{ref}, which did not arrive with it")
         fd = incoming[ref]
@@ -236,7 +249,7 @@ def reduce_ndarray(a: np.ndarray) -> tuple[Any, ...]:
     if buf is None:
         if a.dtype.hasobject or a.nbytes < _threshold or a.nbytes == 0:
             return a.__reduce__()  # type: ignore[return-value]
-        copies = _local.copies
+        copies = _local.state.copies
         if copies is not None and a.nbytes >= DEFER_COPY_MIN:
             target = copy_into_pool(a, copy=False)
             copies.append((target, a))  # the async sender copies before it sends
@@ -292,15 +305,16 @@ def dumps(
     """
     fds: list[int] = []
     owned: list[bool] = []
-    prev = (_local.out, _local.owned, _local.memo, _local.copies)
-    _local.out, _local.owned, _local.memo, _local.copies = fds, owned, {}, copies
+    st = _local.state
+    prev = (st.out, st.owned, st.memo, st.copies)  # a reducer may pickle a message itself
+    st.out, st.owned, st.memo, st.copies = fds, owned, {}, copies
     try:
-        data = _pickle(obj)
+        data = _pickle(obj, st)
     except BaseException:
         close_owned(fds, owned)
         raise
     finally:
-        _local.out, _local.owned, _local.memo, _local.copies = prev
+        st.out, st.owned, st.memo, st.copies = prev
     if fds:
         return FD_HEADER.pack(FD_MAGIC, len(fds), 0) + data, fds, owned
     return data, fds, owned
@@ -337,15 +351,16 @@ def loads(data: bytes | bytearray | memoryview, fds: list[int]) -> Any:
     if not fds and isinstance(data, bytes) and not data.startswith(FD_MAGIC):
         return ForkingPickler.loads(data)  # the common case: a plain pickle
     incoming: list[int | None] = list(fds)
-    prev = _local.incoming
-    _local.incoming = incoming
+    st = _local.state
+    prev = st.incoming
+    st.incoming = incoming
     try:
         nfds, _, body = split_payload(data)
         if nfds != len(fds):
             raise ProtocolError(f"message announced {nfds} fds but {len(fds)} arrived")
         return ForkingPickler.loads(body)
     finally:
-        _local.incoming = prev
+        st.incoming = prev
         for fd in incoming:
             if fd is not None:
                 os.close(fd)
