@@ -23,6 +23,7 @@ sleeping: tasks meet through events, pipes, queues and ``anyio.wait_all_tasks_bl
 from __future__ import annotations
 
 import gc
+import math
 import multiprocessing.connection as mp_connection
 import os
 import queue
@@ -30,6 +31,7 @@ import random
 import select
 import socket
 import sys
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -680,44 +682,81 @@ async def test_simple_queue_async_twins() -> None:
 # =========================================================================== loop hygiene
 
 
+def _run_queue_wait() -> float:
+    """Seconds this thread has spent runnable but waiting for a CPU (Linux schedstat; 0.0 where
+    the kernel does not report it)."""
+    try:
+        with open(f"/proc/self/task/{threading.get_native_id()}/schedstat", "rb") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+class _Ticker:
+    """A task that sleeps 1 ms at a time and records, per tick, how late it woke.
+
+    ``wall`` is the plain lateness. ``own`` subtracts the time the loop's thread sat runnable
+    waiting for a CPU (another process had it): what remains is the lateness the loop itself
+    caused — callbacks that ran long, or a blocking call on its thread.
+    """
+
+    tick = 0.001
+
+    def __init__(self) -> None:
+        self.wall: list[float] = []
+        self.own: list[float] = []
+        self.stop = anyio.Event()
+
+    async def run(self, n: float = math.inf) -> None:
+        while not self.stop.is_set() and len(self.wall) < n:
+            t0, q0 = time.perf_counter(), _run_queue_wait()
+            await anyio.sleep(self.tick)
+            lag = time.perf_counter() - t0 - self.tick
+            self.wall.append(lag)
+            self.own.append(lag - (_run_queue_wait() - q0))
+
+    def __str__(self) -> str:
+        return f"worst {max(self.wall) * 1e3:.2f} ms, loop's own {max(self.own) * 1e3:.2f} ms"
+
+
 @pytest.mark.timeout(120)
-async def test_ticker_keeps_ticking_during_512_mib_round_trips(anyio_backend_name: str) -> None:
+def test_ticker_keeps_ticking_during_512_mib_round_trips(
+    anyio_backend: tuple[str, dict[str, Any]],
+) -> None:
     """A ticking task keeps ticking (worst lag ≤ 5 ms) while a 512 MiB shared array goes to a
     child through a queue, the child touches every page, and sends it back — several times.
 
-    The array is shared once; what crosses the queue is a handle. The machine is shared with
-    other jobs, so the best of up to 3 runs counts.
+    The array is shared once; what crosses the queue is a handle. The loop runs as a program
+    runs it (``anyio.run``): the anyio pytest plugin drives trio in guest mode, whose host
+    thread hands every wake-up over through a queue and the GIL, which is not what is measured
+    here. The machine has 2 CPUs and is shared with other jobs, so a tick can also be late
+    because the loop's thread waited for a CPU: the bound applies to the lag the loop caused
+    (wall lag minus the thread's run-queue wait, from the kernel's schedstat), the best of up to
+    3 runs; the report gives both.
     """
+    name, options = anyio_backend
+    print(anyio.run(_ticker_round_trips, name, backend=name, backend_options=options))
+
+
+async def _ticker_round_trips(backend_name: str) -> str:
     budget = 0.005
-    tick = 0.001
     round_trips = 8
     arr = aioshm.share(np.ones(128 << 20, np.float32))  # 512 MiB
     q_in, q_out = CTX.Queue(), CTX.Queue()
     p = CTX.Process(target=targets.touch_pages, args=(q_in, q_out))
-    runs: list[float] = []
+    runs: list[_Ticker] = []
     try:
         p.start()
         with anyio.fail_after(90):
             await q_in.put_async(np.zeros(1, np.float32))  # warm up the child and the queues
             await q_out.get_async()
             expected = 1.0
-            idle: list[float] = []  # for the report: the lag of the same ticker with no transfer
-            for _ in range(50):
-                t0 = time.perf_counter()
-                await anyio.sleep(tick)
-                idle.append(time.perf_counter() - t0 - tick)
+            idle = _Ticker()  # for the report: the same ticker with no transfer
+            await idle.run(50)
             for _ in range(3):
-                lags: list[float] = []
-                stop = anyio.Event()
-
-                async def ticker(lags: list[float] = lags, stop: anyio.Event = stop) -> None:
-                    while not stop.is_set():
-                        t0 = time.perf_counter()
-                        await anyio.sleep(tick)
-                        lags.append(time.perf_counter() - t0 - tick)
-
+                ticker = _Ticker()
                 async with anyio.create_task_group() as tg:
-                    tg.start_soon(ticker)
+                    tg.start_soon(ticker.run)
                     for _ in range(round_trips):
                         await q_in.put_async(arr)
                         back = await q_out.get_async()
@@ -725,20 +764,19 @@ async def test_ticker_keeps_ticking_during_512_mib_round_trips(anyio_backend_nam
                         assert back.shape == arr.shape
                         assert back[0] == expected and back[-1024] == expected
                         del back
-                    stop.set()
-                runs.append(max(lags))
-                if runs[-1] <= budget:
+                    ticker.stop.set()
+                runs.append(ticker)
+                if max(ticker.own) <= budget:
                     break
             await q_in.put_async(None)
             assert await p == round_trips * len(runs) + 1
         assert arr[::1024].min() == expected  # every page was touched each time
         report = (
-            f"[{anyio_backend_name}] worst tick lag per run: "
-            f"{', '.join(f'{x * 1e3:.2f} ms' for x in runs)} "
-            f"(idle ticker, no transfer: worst {max(idle) * 1e3:.2f} ms)"
+            f"[{backend_name}] tick lag per run: {'; '.join(map(str, runs))} "
+            f"(idle ticker, no transfer: {idle})"
         )
-        print(report)
-        assert min(runs) <= budget, report
+        assert min(max(t.own) for t in runs) <= budget, report
+        return report
     finally:
         q_in.close()
         q_out.close()
