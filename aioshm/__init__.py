@@ -184,6 +184,7 @@ def _preload_forkserver() -> None:
             "aioshm._spawn",
             "aioshm._process",
             "aioshm.multiprocessing",
+            "aioshm._fsmain",  # the parent's main script: see _procutil.ensure_forkserver
         ]
         current = list(getattr(server, "_preload_modules", ["__main__"]))
         _stdlib_mp.set_forkserver_preload(current + [m for m in modules if m not in current])

@@ -54,7 +54,7 @@ from typing import Any, Final, Self
 import anyio
 import anyio.lowlevel
 
-from . import _reduction
+from . import _procutil, _reduction
 from ._connection import RecordChannel, record_pair
 from ._context import DEFAULT_START_METHOD
 from ._exceptions import (
@@ -981,6 +981,8 @@ class Pool(PoolAPI):
         )
         proc.name = proc.name.replace("Process", "PoolWorker")
         try:
+            if self._ctx.get_start_method() == "forkserver":
+                _procutil.ensure_forkserver()  # the server imports the main script once
             proc.start()
         except BaseException:
             for ch in (task_r, task_w, res_r, res_w):

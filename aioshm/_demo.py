@@ -220,12 +220,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import anyio
 
-    import aioshm  # noqa: F401 - configures the fork server's preloads before it starts
+    from aioshm import _procutil  # importing aioshm sets the fork server's preloads
 
-    multiprocessing.get_context("forkserver")  # both pipelines share one warm fork server
-    from multiprocessing import forkserver
-
-    forkserver.ensure_running()
+    _procutil.ensure_forkserver()  # both pipelines share one warm fork server
     mib = args.frames * np.prod(FRAME_SHAPE) * 4 / 2**20
     print(
         f"aioshm demo: {args.frames} frames of {FRAME_SHAPE[0]}x{FRAME_SHAPE[1]} float32 "

@@ -4,23 +4,32 @@ CPython before 3.13 never preloads ``__main__`` in the fork server, although it 
 (``ForkServer.ensure_running`` looks for a ``main_path`` key that ``get_preparation_data`` calls
 ``init_main_from_path``; gh-126631). Every forkserver child then re-runs the main script and
 re-imports what it imports (numpy: ~50 ms). aioshm puts this module in the preload list and
-passes the path in ``AIOSHM_FORKSERVER_MAIN``; children whose ``__main__`` already has that
-``__file__`` skip the re-run.
+:func:`aioshm._procutil.ensure_forkserver` passes the path (with the parent's ``sys.path`` and
+``sys.argv``, which the stdlib server does not apply either) in ``AIOSHM_FORKSERVER_MAIN``;
+children whose ``__main__`` already has that ``__file__`` skip the re-run. The variable is
+removed from the server's environment, so no child inherits it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import sys
 from multiprocessing import process, spawn
 
-_path = os.environ.get("AIOSHM_FORKSERVER_MAIN")
-if _path and os.path.isfile(_path):
+from ._procutil import FORKSERVER_MAIN_ENV
+
+_main = json.loads(os.environ.pop(FORKSERVER_MAIN_ENV, "{}"))
+if _main and os.path.isfile(_main["path"]):
+    sys.path[:] = _main["sys_path"]  # what a child's prepare() sets before it runs the script
+    sys.argv[:] = _main["argv"]
     current = process.current_process()
     current._inheriting = True  # type: ignore[attr-defined]
     try:
-        # a main script that fails to import must not take the fork server down
-        with contextlib.suppress(Exception):
-            spawn.import_main_path(_path)
+        # a main script that fails to import (or exits: argparse at its top level) must not
+        # take the fork server down; its children then re-run it, as the stdlib's do
+        with contextlib.suppress(Exception, SystemExit):
+            spawn.import_main_path(_main["path"])
     finally:
         current._inheriting = False  # type: ignore[attr-defined]

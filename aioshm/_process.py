@@ -28,7 +28,7 @@ from collections.abc import Generator
 from types import TracebackType
 from typing import Any
 
-from . import _reduction
+from . import _procutil, _reduction
 from ._connection import Connection, Pipe
 from ._exceptions import (
     ProcessExitedException,
@@ -231,3 +231,8 @@ if sys.platform != "win32":
 
     class ForkServerProcess(_ResultMixin, _mp_context.ForkServerProcess):
         """A ``forkserver`` process with a return value and an awaitable face."""
+
+        @staticmethod
+        def _Popen(process_obj: Any) -> Any:
+            _procutil.ensure_forkserver()  # the server imports the main script once
+            return _mp_context.ForkServerProcess._Popen(process_obj)

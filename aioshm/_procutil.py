@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import json
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -22,6 +23,7 @@ __all__ = (
     "_get_thread_name",
     "_set_thread_name",
     "arm_parent_death_watch",
+    "ensure_forkserver",
     "raise_fd_limit",
     "register_after_fork",
     "set_pdeathsig",
@@ -37,6 +39,10 @@ _TASK_COMM_LEN = 16  # the kernel's buffer for a thread name, NUL included
 
 # Upper bound for raise_fd_limit when the hard limit is unlimited (or absurdly high).
 _FD_LIMIT_CAP = 1 << 20
+
+#: How :func:`ensure_forkserver` tells :mod:`aioshm._fsmain`, in the fork server, which main
+#: script to import (set only while the server is launched).
+FORKSERVER_MAIN_ENV = "AIOSHM_FORKSERVER_MAIN"
 
 _libc: ctypes.CDLL | None = None
 _libc_loaded = False
@@ -175,6 +181,39 @@ def register_after_fork(func: Callable[[], object]) -> None:
         import multiprocessing.util
 
         multiprocessing.util.register_after_fork(func, lambda f: f())
+
+
+def ensure_forkserver() -> None:
+    """Start the stdlib fork server if it is not running, with the parent's main script
+    preloaded in it when :mod:`aioshm._fsmain` is among its preloads.
+
+    CPython before 3.13 never hands the main script's path to the server, and ignores the
+    ``sys.path`` it hands over (gh-126631), so every forkserver child re-runs the script and
+    re-imports what it imports. Path, ``sys.path`` and ``sys.argv`` (what a child sees when it
+    runs the script) go to the server in an environment variable set only while it is launched.
+    """
+    from multiprocessing import forkserver, spawn
+
+    server = forkserver._forkserver
+    if getattr(server, "_forkserver_pid", None) is not None:
+        return  # running (a dead one is restarted by the stdlib, without the main script)
+    data = {}
+    if "aioshm._fsmain" in getattr(server, "_preload_modules", ()):
+        data = spawn.get_preparation_data("")
+    if not data.get("init_main_from_path"):
+        server.ensure_running()
+        return
+    main = {"path": data["init_main_from_path"], "sys_path": data["sys_path"]}
+    main["argv"] = data["sys_argv"]
+    old = os.environ.get(FORKSERVER_MAIN_ENV)
+    os.environ[FORKSERVER_MAIN_ENV] = json.dumps(main)
+    try:
+        server.ensure_running()
+    finally:
+        if old is None:
+            os.environ.pop(FORKSERVER_MAIN_ENV, None)
+        else:
+            os.environ[FORKSERVER_MAIN_ENV] = old
 
 
 def raise_fd_limit() -> None:

@@ -448,6 +448,8 @@ def _start(
     readers: list[_ResultConnection] = []
     writers: list[_ResultConnection] = []
     try:
+        if start_method == "forkserver":
+            _procutil.ensure_forkserver()  # the server imports the main script once
         parallel = (
             start_method == "forkserver" and os.environ.get(ENV_VAR_PARALLEL_START, "0") == "1"
         )

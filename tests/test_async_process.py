@@ -815,3 +815,62 @@ def test_import_aioshm_multiprocessing_never_imports_anyio() -> None:
         "exitcode": 0,
         "arr": [1.0, 1.0, 1.0, 1.0],
     }
+
+
+@pytest.mark.timeout(90)
+def test_forkserver_children_do_not_rerun_the_main_script(tmp_path: Path) -> None:
+    """A script started as ``python script.py``: its top level runs in the parent and once in
+    the fork server (with the parent's ``sys.path`` and ``sys.argv``: it imports a module from
+    its own folder and reads its arguments), never again in a child, whether the child is a rank
+    of ``aioshm.spawn``, an ``aioshm.Process`` or an ``aioshm.Pool`` worker; targets defined
+    in the script resolve in the children, which do not see the variable that carried the path.
+    """
+    runs = tmp_path / "runs"
+    (tmp_path / "sibling.py").write_text("RANKS = 2\n")
+    script = tmp_path / "main_script.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import json, os, sys
+            import sibling
+            with open({str(runs)!r}, "a") as f:
+                f.write(json.dumps([os.getpid(), sys.argv[1:]]) + "\\n")
+            import aioshm
+
+            def rank(i):
+                return os.getpid(), sys.modules["__main__"].__file__, \\
+                    os.environ.get("AIOSHM_FORKSERVER_MAIN")
+
+            async def main():
+                ranks = await aioshm.spawn(rank, nprocs=sibling.RANKS)
+                proc = await aioshm.Process(target=rank, args=(0,))
+                async with aioshm.Pool(1) as pool:
+                    worker = await pool.apply_async(rank, (0,))
+                from multiprocessing import forkserver
+                print(json.dumps({{"parent": os.getpid(), "children": ranks + [proc, worker],
+                                  "server": forkserver._forkserver._forkserver_pid}}))
+
+            if __name__ == "__main__":
+                import anyio
+                anyio.run(main)
+            """
+        )
+    )
+    out = subprocess.run(
+        [sys.executable, str(script), "--flag"],
+        capture_output=True,
+        text=True,
+        timeout=80,
+        cwd=REPO_DIR,  # not the script's folder: the server must take the parent's sys.path
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    ran = [json.loads(line) for line in runs.read_text().splitlines()]
+    assert sorted(ran) == sorted([[report["parent"], ["--flag"]], [report["server"], ["--flag"]]])
+    children = report["children"]
+    assert len({pid for pid, _, _ in children}) == 4
+    for pid, main_file, env in children:
+        assert pid not in (report["parent"], report["server"])
+        assert main_file == str(script)
+        assert env is None
