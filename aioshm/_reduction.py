@@ -292,6 +292,12 @@ def init_reductions() -> None:
 # --------------------------------------------------------------------------- payloads
 
 
+#: Exact types the C pickler writes itself (never through a reducer or the dispatch table).
+_SCALARS: Final = frozenset((int, float, complex, str, bytes, bool, type(None)))
+_plain_dumps = pickle.dumps
+_PROTOCOL: Final = pickle.HIGHEST_PROTOCOL
+
+
 def dumps(
     obj: object, copies: list[Any] | None = None
 ) -> tuple[bytes | bytearray | memoryview, list[int], list[bool]]:
@@ -303,6 +309,17 @@ def dumps(
     value copies are not made here but appended as ``(dst, src)`` for the caller to make,
     in chunks, before sending.
     """
+    # Scalars and short flat tuples of them: no reducer can be involved (the C pickler writes
+    # these types itself, byte for byte as the shared pickler below would), so skip its setup.
+    cls = type(obj)
+    if cls is tuple and len(obj) <= 16:  # type: ignore[arg-type]
+        for item in obj:  # type: ignore[attr-defined]
+            if type(item) not in _SCALARS:
+                break
+        else:
+            return _plain_dumps(obj, _PROTOCOL), [], []
+    elif cls in _SCALARS:
+        return _plain_dumps(obj, _PROTOCOL), [], []
     fds: list[int] = []
     owned: list[bool] = []
     st = _local.state

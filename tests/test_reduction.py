@@ -16,6 +16,7 @@ import os
 import pickle
 import resource
 from collections.abc import Callable, Iterator
+from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 import numpy as np
@@ -297,6 +298,27 @@ def test_threshold_boundary_and_inline_pickles() -> None:
     r = _reduction.loads(data, fds)
     assert not is_shared(r)
     np.testing.assert_array_equal(r, below)
+
+
+def test_scalar_messages_pickle_as_the_stdlib_does_without_the_shared_pickler() -> None:
+    """Scalars and flat tuples of scalars (the common control message) are pickled directly,
+    byte for byte as the stdlib ``ForkingPickler`` would; a subclass of a scalar type or a
+    tuple holding anything else still goes through the reducers (and carries its fds)."""
+    for obj in [(1, 2, 3), 7, 2.5, "é" * 40, b"x" * 100, None, True, 3 + 4j, (), (2**100,),
+                (1.5, None, False, b"ab", "s", 1j)]:  # fmt: skip
+        data, fds, owned = _reduction.dumps(obj)
+        assert bytes(data) == bytes(ForkingPickler.dumps(obj, pickle.HIGHEST_PROTOCOL)), obj
+        assert fds == [] and owned == []
+        assert _reduction.loads(data, []) == obj
+    arr = zeros(4)
+    arr[:] = 5
+    data, fds = _send((1, arr))
+    assert len(fds) == 1
+    one, back = _reduction.loads(data, fds)
+    assert one == 1 and is_shared(back) and back.tolist() == [5.0] * 4
+    del back
+    data, fds = _send((np.float64(2.5), np.int64(3)))  # float/int subclasses: via numpy's own
+    assert _reduction.loads(data, fds) == (2.5, 3) and fds == []
 
 
 def test_set_share_threshold_validation() -> None:
