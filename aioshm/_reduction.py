@@ -232,14 +232,25 @@ def _rebuild_ndarray(
     offset: int,
     shape: tuple[int, ...],
     strides: tuple[int, ...],
-    dtype: np.dtype,
+    dtype: np.dtype | str,
     readonly: bool,
 ) -> np.ndarray:
+    if type(dtype) is str:
+        dtype = np.dtype(dtype)
     if isinstance(ref, tuple) and len(ref) == 3 and ref[0] == "name":
         buf = _segment.attach_name(ref[1], ref[2], pooled=pooled)
     else:
         buf = _segment.attach_fd(take_fd(ref), pooled=pooled)
     return view_on(buf, offset, shape, strides, dtype, readonly)
+
+
+def _dtype_ref(dt: np.dtype) -> np.dtype | str:
+    """A plain dtype as its ``str`` (``'<f4'``: pickling a dtype object costs ~5 µs, and
+    rebuilding it ~3 µs, on a path that otherwise sends a handle); structured, subarray and
+    metadata-carrying dtypes as themselves."""
+    if dt.fields is None and dt.subdtype is None and dt.metadata is None:
+        return dt.str
+    return dt
 
 
 def reduce_ndarray(a: np.ndarray) -> tuple[Any, ...]:
@@ -271,7 +282,7 @@ def reduce_ndarray(a: np.ndarray) -> tuple[Any, ...]:
             offset,
             target.shape,
             target.strides,
-            target.dtype,
+            _dtype_ref(target.dtype),
             not a.flags.writeable,
         ),
     )

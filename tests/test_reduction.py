@@ -45,7 +45,8 @@ _reduction.init_reductions()
 DTYPES: list[Any] = [
     np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32,
     np.uint64, np.float16, np.float32, np.float64, np.complex64, np.complex128, ">i8",
-    "M8[ns]", "m8[s]", "U5", "S4", "i4,f8", [("x", "<f4"), ("y", ">i2", (2,))],
+    "M8[ns]", "m8[s]", "U5", "S4", "V8", "i4,f8", [("x", "<f4"), ("y", ">i2", (2,))],
+    np.dtype("f8", metadata={"unit": "m"}),
 ]  # fmt: skip
 
 
@@ -256,6 +257,7 @@ def test_large_plain_arrays_become_shared_copies(strategy: str) -> None:
                 r = _reduction.loads(data, fds)
                 assert is_shared(r) and not is_shared(src)
                 assert r.shape == src.shape and r.dtype == src.dtype
+                assert r.dtype.str == src.dtype.str and r.dtype.metadata == src.dtype.metadata
                 assert r.tobytes() == src.tobytes()
                 assert not np.shares_memory(r, src)
                 assert segment_buffer_of(r).segment.pooled  # type: ignore[union-attr]
