@@ -203,8 +203,11 @@ def ensure_forkserver() -> None:
     if not data.get("init_main_from_path"):
         server.ensure_running()
         return
-    main = {"path": data["init_main_from_path"], "sys_path": data["sys_path"]}
-    main["argv"] = data["sys_argv"]
+    main = {
+        "path": data["init_main_from_path"],
+        "sys_path": data["sys_path"],
+        "argv": data["sys_argv"],
+    }
     old = os.environ.get(FORKSERVER_MAIN_ENV)
     os.environ[FORKSERVER_MAIN_ENV] = json.dumps(main)
     try:

@@ -235,8 +235,6 @@ def _rebuild_ndarray(
     dtype: np.dtype | str,
     readonly: bool,
 ) -> np.ndarray:
-    if type(dtype) is str:
-        dtype = np.dtype(dtype)
     if isinstance(ref, tuple) and len(ref) == 3 and ref[0] == "name":
         buf = _segment.attach_name(ref[1], ref[2], pooled=pooled)
     else:
