@@ -11,7 +11,11 @@ passed them, through their blocking stdlib-style methods.
 
 from __future__ import annotations
 
+import mmap
 import os
+import socket
+import struct
+import time
 from typing import Any
 
 import numpy as np
@@ -96,6 +100,42 @@ def touch_child(inq: Any, outq: Any) -> None:
             break
         outq.put(touch(item))
     item = None
+
+
+def fd_touch_child(sock: Any) -> None:
+    """The W4 floor's child: for every fd received on ``sock``, reply with the page-touch sum
+    of the file it names (8 bytes); stop at EOF. A file already seen is not mapped again (its
+    mapping is kept by inode, as aioshm keeps a segment it already holds)."""
+    maps: dict[tuple[int, int], np.ndarray] = {}
+    while True:
+        msg, fds, _, _ = socket.recv_fds(sock, 16, 1)
+        if not msg:
+            break
+        (fd,) = fds
+        try:
+            st = os.fstat(fd)
+            a = maps.get((st.st_dev, st.st_ino))
+            if a is None:
+                a = maps[st.st_dev, st.st_ino] = np.frombuffer(
+                    mmap.mmap(fd, st.st_size), np.float32
+                )
+        finally:
+            os.close(fd)
+        sock.sendall(struct.pack("d", touch(a)))
+    maps.clear()
+    sock.close()
+
+
+def busy_child(sock: Any) -> None:
+    """The W4 control's child: for every byte received, touch a private 64 MiB array for
+    10 ms (CPU and memory busy, like a child of the other rows), then reply with one byte."""
+    a = np.ones(16 << 20, np.float32)
+    while sock.recv(1):
+        end = time.perf_counter() + 0.01
+        while time.perf_counter() < end:
+            touch(a)
+        sock.sendall(b"k")
+    sock.close()
 
 
 # --------------------------------------------------------------------------- W3: tiny tasks
