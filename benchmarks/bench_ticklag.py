@@ -216,29 +216,37 @@ async def aioshm_row(shared: bool) -> AsyncIterator[Trip]:
         gc.collect()
 
 
-@contextlib.asynccontextmanager
-async def busy_row() -> AsyncIterator[Trip]:
+@contextlib.contextmanager
+def socket_child(target: Callable[[socket.socket], None]) -> Iterator[socket.socket]:
+    """A running child ``target(sock)``; yields our (non-blocking) end of its socketpair and
+    closes it at the end, which is the child's EOF: it stops."""
     ctx = stdmp.get_context(START_METHOD)
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     p = None
     try:
-        p = ctx.Process(target=targets.busy_child, args=(b,), daemon=True)
+        p = ctx.Process(target=target, args=(b,), daemon=True)
         p.start()
         MY_CHILDREN.append(p)
         b.close()
         a.setblocking(False)
-        loop = asyncio.get_running_loop()
+        yield a
+    finally:
+        a.close()
+        if p is not None:
+            _stop_process(p)
+        b.close()
+
+
+@contextlib.asynccontextmanager
+async def busy_row() -> AsyncIterator[Trip]:
+    loop = asyncio.get_running_loop()
+    with socket_child(targets.busy_child) as a:
 
         async def trip(_: int) -> None:
             await loop.sock_sendall(a, b"x")
             assert await loop.sock_recv(a, 1) == b"k"
 
         yield trip
-    finally:
-        a.close()  # EOF: the child stops
-        if p is not None:
-            _stop_process(p)
-        b.close()
 
 
 @contextlib.asynccontextmanager
@@ -246,52 +254,40 @@ async def floor_row() -> AsyncIterator[Trip]:
     """What any library's round trip costs at least here: the array already lives in a memfd,
     its fd goes out with a 1-byte ``sendmsg`` (SCM_RIGHTS), the 8-byte reply is read by a
     permanent ``add_reader`` callback; no pickling, no tickets, no locks."""
-    ctx = stdmp.get_context(START_METHOD)
-    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     loop = asyncio.get_running_loop()
     src = make_source()
     expect = targets.touch(src)
     memfd = os.memfd_create("aioshm-bench-floor", os.MFD_CLOEXEC)
-    p = None
-    reading = False
     try:
         os.ftruncate(memfd, src.nbytes)
         with mmap.mmap(memfd, src.nbytes) as m:
             np.frombuffer(m, np.float32)[:] = src
-        p = ctx.Process(target=targets.fd_touch_child, args=(b,), daemon=True)
-        p.start()
-        MY_CHILDREN.append(p)
-        b.close()
-        a.setblocking(False)
-        fd = a.fileno()
-        state: dict[str, Any] = {"fut": None, "buf": b""}
+        with socket_child(targets.fd_touch_child) as a:
+            fd = a.fileno()
+            state: dict[str, Any] = {"fut": None, "buf": b""}
 
-        def on_readable() -> None:
-            buf = state["buf"] + os.read(fd, 64)
-            fut = state["fut"]
-            if len(buf) >= 8 and fut is not None and not fut.done():
-                state["buf"] = b""
-                fut.set_result(buf)
-            else:
-                state["buf"] = buf
+            def on_readable() -> None:
+                buf = state["buf"] + os.read(fd, 64)
+                fut = state["fut"]
+                if len(buf) >= 8 and fut is not None and not fut.done():
+                    state["buf"] = b""
+                    fut.set_result(buf)
+                else:
+                    state["buf"] = buf
 
-        loop.add_reader(fd, on_readable)
-        reading = True
+            loop.add_reader(fd, on_readable)
+            try:
 
-        async def trip(_: int) -> None:
-            fut = state["fut"] = loop.create_future()
-            socket.send_fds(a, [b"x"], [memfd])
-            (r,) = struct.unpack("d", await fut)
-            assert r == expect, r
+                async def trip(_: int) -> None:
+                    fut = state["fut"] = loop.create_future()
+                    socket.send_fds(a, [b"x"], [memfd])
+                    (r,) = struct.unpack("d", await fut)
+                    assert r == expect, r
 
-        yield trip
+                yield trip
+            finally:
+                loop.remove_reader(fd)
     finally:
-        if reading:
-            loop.remove_reader(a.fileno())
-        a.close()  # EOF: the child stops
-        if p is not None:
-            _stop_process(p)
-        b.close()
         os.close(memfd)
         src = None
         gc.collect()
