@@ -208,7 +208,8 @@ def _check_spectrum(answer: dict[str, Any], i: int) -> None:
 async def test_http_service(http_server: Server) -> None:
     """20 concurrent requests are answered correctly by the pool while the server's loop
     stays responsive: pings answer during the burst, and the service's own loop-lag meter
-    stays under 50 ms although each computation takes far longer; SIGTERM then shuts the
+    (less the loop thread's waits for a CPU) stays under 50 ms although each computation takes
+    far longer; SIGTERM then shuts the
     server down cleanly (exit 0, pool closed, no process left)."""
     base = f"http://127.0.0.1:{http_server.port}"
     async with httpx.AsyncClient(base_url=base, timeout=60) as client:
@@ -270,14 +271,18 @@ async def test_http_service(http_server: Server) -> None:
         f"\nburst of {CONCURRENT} requests: {burst:.2f} s; one SVD task {compute[0] * 1e3:.0f}-"
         f"{compute[-1] * 1e3:.0f} ms; {len(during)} pings during the burst, latency max "
         f"{max(during) * 1e3:.1f} ms, median {sorted(during)[len(during) // 2] * 1e3:.1f} ms; "
-        f"server loop lag max {lag['max_lag_ms']:.1f} ms (loop thread busy at most "
-        f"{lag['max_busy_ms']:.1f} ms of it) over {lag['ticks']} ticks"
+        f"server loop lag max {lag['max_lag_ms']:.1f} ms, {lag['max_own_lag_ms']:.1f} ms less "
+        f"its waits for a CPU (loop thread busy at most {lag['max_busy_ms']:.1f} ms of it) over "
+        f"{lag['ticks']} ticks"
     )
     # The bound only means something if one computation takes longer than it.
     assert compute[0] * 1e3 > MAX_LAG_MS, compute
     assert lag["ticks"] > 0
     assert lag["max_busy_ms"] < MAX_LAG_MS, lag  # no computation ran on the loop's thread
-    assert lag["max_lag_ms"] < MAX_LAG_MS, lag  # and nothing else held the loop that long
+    # and nothing else held the loop that long: the wall lag less the loop thread's waits for a
+    # CPU (2 CPUs, shared with the client, 2 busy workers and other jobs: seen on CI, a 62 ms
+    # wall lag with 10 ms of loop CPU)
+    assert lag["max_own_lag_ms"] < MAX_LAG_MS, lag
     assert len(during) >= 3, pings  # the loop answered while work was in flight
     assert sorted(during)[len(during) // 2] < MAX_LAG_MS / 1e3, during
     assert max(during) < 0.5 * burst, (during, burst)
