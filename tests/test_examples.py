@@ -73,11 +73,13 @@ _NUMBER = r"[0-9]+(?:\.[0-9]+)?"
 _DEMO_ROWS = {
     # label: the units of its aioshm and stdlib cells, and whether a ratio follows
     "transfer: a frame there and back": ("ms", True),
-    "compute: one frame, in a worker": ("ms", True),
+    "compute: one frame (worker CPU)": ("ms", True),
     "pipeline: 8 frames, wall time": ("s", True),
     "pipeline: throughput": ("MiB/s", False),
     "event loop tick lag, p99": ("ms", True),
     "event loop tick lag, worst": ("ms", True),
+    "  less waits for a CPU, p99": ("ms", True),
+    "  less waits for a CPU, worst": ("ms", True),
 }
 
 
@@ -111,6 +113,7 @@ def test_demo_main_job(tmp_path: Path, backend: str) -> None:
         cell = rf"{_NUMBER} {re.escape(unit)}"
         tail = rf" +{_NUMBER}x" if ratio else ""
         assert re.fullmatch(rf"  {re.escape(label)} +{cell} +{cell}{tail} *", line), (line, out)
+    assert "The compute is the same on both sides." in out, out
 
 
 # --------------------------------------------------------------------------- HTTP service
