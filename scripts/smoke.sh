@@ -25,4 +25,6 @@ cd "$work/run"
 "$work/venv/bin/python" "$repo/scripts/smoke.py"
 "$work/venv/bin/aioshm" --version
 "$work/venv/bin/python" -m aioshm info >/dev/null
-echo "smoke: CLI ok (aioshm --version, python -m aioshm info)"
+"$work/venv/bin/aioshm" bench --quick --only transfer >/dev/null
+"$work/venv/bin/aioshm" demo --quick >/dev/null
+echo "smoke: CLI ok (aioshm --version, info, bench --quick --only transfer, demo --quick)"

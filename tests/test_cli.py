@@ -53,6 +53,17 @@ def test_version(tmp_path: Path) -> None:
     assert _ok(_aioshm("--version", cwd=tmp_path)) == f"aioshm {aioshm.__version__}\n"
 
 
+def test_console_script_entry_point() -> None:
+    """``pip install aioshm`` puts an ``aioshm`` command on the PATH: ``aioshm._cli:main``."""
+    import importlib.metadata
+
+    from aioshm import _cli
+
+    (entry,) = importlib.metadata.entry_points(group="console_scripts", name="aioshm")
+    assert entry.value == "aioshm._cli:main"
+    assert entry.load() is _cli.main
+
+
 def test_unknown_subcommand_is_a_usage_error(tmp_path: Path) -> None:
     """A typo is reported by argparse (exit 2), naming the choices."""
     proc = _aioshm("bnech", cwd=tmp_path)

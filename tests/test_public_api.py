@@ -155,6 +155,30 @@ def test_version_is_the_installed_distributions() -> None:
     assert re.fullmatch(r"\d+\.\d+\.\d+([a-z]+\d+)?(\.dev\d+)?", aioshm.__version__)
 
 
+def test_distribution_metadata() -> None:
+    """The installed metadata carries the licence (MIT, with its file), the classifiers of what
+    is supported and tested, the project URLs and the ``aioshm`` command."""
+    import importlib.metadata
+
+    meta = importlib.metadata.metadata("aioshm")
+    assert meta["License-Expression"] == "MIT"
+    assert meta.get_all("License-File") == ["LICENSE"]
+    classifiers = set(meta.get_all("Classifier") or ())
+    for required in (
+        "Typing :: Typed",
+        "Framework :: AnyIO",
+        "Operating System :: POSIX :: Linux",
+        "Programming Language :: Python :: 3.11",
+        "Programming Language :: Python :: 3.14",
+    ):
+        assert required in classifiers, required
+    urls = dict(u.split(", ", 1) for u in meta.get_all("Project-URL") or ())
+    assert urls["Source"].startswith("https://") and "Issues" in urls
+    assert "matplotlib>=3.8; extra == 'plot'" in (meta.get_all("Requires-Dist") or ())
+    root = Path(__file__).resolve().parent.parent
+    assert (root / "LICENSE").read_text().startswith("MIT License")
+
+
 def test_dir_is_the_public_api() -> None:
     """``dir(aioshm)`` lists ``__all__`` (lazy names included), ``__version__`` and the public
     submodules, and none of the helpers the module imports (``Any``, ``annotations``…)."""
