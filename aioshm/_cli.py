@@ -35,8 +35,14 @@ def _dist_version(name: str) -> str | None:
 
 
 def _available(module: str, dist: str) -> str:
-    """Whether ``module`` is importable (found without importing it), with its version."""
-    if importlib.util.find_spec(module) is None:
+    """Whether ``module`` is importable (found without importing it), with its version. A
+    directory of that name in the current directory (``/tmp/ray`` is Ray's session directory)
+    is a namespace package without an origin: not the library."""
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or spec.origin is None:
         return "not installed"
     version = _dist_version(dist)
     return f"available ({version})" if version else "available"

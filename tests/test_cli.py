@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import subprocess
@@ -77,6 +78,7 @@ def test_info(tmp_path: Path) -> None:
     shm = tmp_path / "shm"
     shm.mkdir()
     (shm / f"aioshm_{os.getpid()}_{'0' * 16}").write_bytes(b"x" * 8192)
+    (tmp_path / "ray").mkdir()  # as /tmp/ray, Ray's session directory: not the ray package
     out = _ok(_aioshm("info", cwd=tmp_path, env={"AIOSHM_SHM_DIR": str(shm)}))
     fields = dict(re.findall(r"^(.+?): +(.+)$", out, re.MULTILINE))
     assert fields["aioshm"] == aioshm.__version__
@@ -97,6 +99,9 @@ def test_info(tmp_path: Path) -> None:
     for backend in ("trio", "uvloop", "ray"):
         assert re.fullmatch(r"available.*|not installed", fields[f"backend {backend}"]), fields
     assert fields["backend trio"].startswith("available")  # the test extra installs it
+    ray = importlib.util.find_spec("ray")  # this process's cwd is not tmp_path
+    ray_installed = ray is not None and ray.origin is not None
+    assert fields["backend ray"].startswith("available" if ray_installed else "not installed")
 
 
 def _dead_pid(cwd: Path) -> int:
