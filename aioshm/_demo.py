@@ -126,6 +126,7 @@ class _Pipeline(Protocol):
     async def receive(self) -> tuple[int, float, float]: ...
     def release(self, index: int) -> None: ...
     async def stop(self) -> None: ...
+    async def abort(self) -> None: ...
 
 
 class _AioshmPipeline:
@@ -166,11 +167,22 @@ class _AioshmPipeline:
         self._returned(index).set()
 
     async def stop(self) -> None:
-        for _ in range(self.workers):
-            await self.inq.put_async(None)
-        await self.ctx  # every rank's count; raises if a rank failed
-        self.inq.close()
-        self.outq.close()
+        """Let the ranks finish; raise if one failed."""
+        try:
+            for _ in range(self.workers):
+                await self.inq.put_async(None)
+            await self.ctx  # every rank's count; raises if a rank failed
+        finally:
+            self.inq.close()
+            self.outq.close()
+
+    async def abort(self) -> None:
+        """After an error: stop every rank (SIGTERM, grace, SIGKILL) and reap it."""
+        try:
+            await self.ctx.__aexit__(RuntimeError, RuntimeError("demo aborted"), None)
+        finally:
+            self.inq.close()
+            self.outq.close()
 
 
 async def _in_thread(fn: Callable[..., T], *args: Any) -> T:
@@ -195,7 +207,8 @@ class _StdlibPipeline:
         self.inq: Any = ctx.Queue(maxsize=_RING)
         self.outq: Any = ctx.Queue()
         self.procs = [
-            ctx.Process(target=_stdlib_worker, args=(self.inq, self.outq)) for _ in range(workers)
+            ctx.Process(target=_stdlib_worker, args=(self.inq, self.outq), daemon=True)
+            for _ in range(workers)
         ]
         for p in self.procs:
             p.start()
@@ -214,6 +227,7 @@ class _StdlibPipeline:
         pass
 
     async def stop(self) -> None:
+        """Let the workers finish; raise if one failed."""
         try:
             for _ in self.procs:
                 await _in_thread(self.inq.put, None)
@@ -222,13 +236,17 @@ class _StdlibPipeline:
                 if p.exitcode != 0:
                     raise RuntimeError(f"a stdlib worker exited with {p.exitcode}")
         finally:
-            for p in self.procs:
-                if p.is_alive():
-                    p.kill()
-                    p.join()
-            for q in (self.inq, self.outq):
-                q.close()
-                q.join_thread()
+            await self.abort()
+
+    async def abort(self) -> None:
+        """Kill what still runs, reap it, and close the queues."""
+        for p in self.procs:
+            if p.is_alive():
+                p.kill()
+            p.join()
+        for q in (self.inq, self.outq):
+            q.cancel_join_thread()  # a frame left in a dead worker's pipe must not block exit
+            q.close()
 
 
 # --------------------------------------------------------------------------- measuring
@@ -262,6 +280,22 @@ def _run_queue_wait() -> float:
 
 
 async def _measure(pipe: _Pipeline, frames: int, round_trips: int, progress: _Progress) -> Result:
+    """Measure ``pipe``, then stop it (or, on any error, abort it: no process is left)."""
+    try:
+        result = await _measure_running(pipe, frames, round_trips, progress)
+    except BaseException:
+        import anyio
+
+        with anyio.CancelScope(shield=True):
+            await pipe.abort()
+        raise
+    await pipe.stop()
+    return result
+
+
+async def _measure_running(
+    pipe: _Pipeline, frames: int, round_trips: int, progress: _Progress
+) -> Result:
     import anyio
 
     result = Result(pipe.label)
@@ -318,7 +352,6 @@ async def _measure(pipe: _Pipeline, frames: int, round_trips: int, progress: _Pr
     for i in sorted({0, frames // 2, frames - 1}):
         if abs(checksums[i] - _expected(first + i)) > 1e-3:
             raise AssertionError(f"{pipe.label}: frame {i}: wrong result")
-    await pipe.stop()
     return result
 
 

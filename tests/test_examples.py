@@ -10,6 +10,7 @@ runs stays far below the duration of one computation).
 
 from __future__ import annotations
 
+import contextlib
 import re
 import signal
 import socket
@@ -114,6 +115,29 @@ def test_demo_main_job(tmp_path: Path, backend: str) -> None:
         tail = rf" +{_NUMBER}x" if ratio else ""
         assert re.fullmatch(rf"  {re.escape(label)} +{cell} +{cell}{tail} *", line), (line, out)
     assert "The compute is the same on both sides." in out, out
+
+
+@pytest.mark.anyio
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("pipeline", ["aioshm", "stdlib"])
+async def test_demo_failure_leaves_no_process(pipeline: str) -> None:
+    """A failure in the middle of the demo (here a reply that does not match) is raised, and
+    the pipeline's worker processes are stopped and reaped first (the leak check runs too)."""
+    from aioshm import _bench, _demo
+
+    with _bench.stdlib_pickling() if pipeline == "stdlib" else contextlib.nullcontext():
+        pipe: Any = (_demo._AioshmPipeline if pipeline == "aioshm" else _demo._StdlibPipeline)(2)
+        receive = pipe.receive
+
+        async def wrong() -> tuple[int, float, float]:
+            index, checksum, seconds = await receive()
+            return index, checksum + 1, seconds
+
+        pipe.receive = wrong
+        with pytest.raises(AssertionError, match=f"{pipeline}: round trip 0 came back wrong"):
+            await _demo._measure(pipe, 2, 1, _demo._Progress(pipeline, 2))
+    procs = pipe.ctx.processes if pipeline == "aioshm" else pipe.procs
+    assert len(procs) == 2 and all(p.exitcode is not None for p in procs)
 
 
 # --------------------------------------------------------------------------- HTTP service
