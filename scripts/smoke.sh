@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 repo=$(pwd)
 python=${PYTHON:-python3}
 work=$(mktemp -d "${TMPDIR:-/tmp}/aioshm-smoke.XXXXXX")
-trap 'rm -rf "$work"' EXIT INT TERM
+trap 'rm -rf "$work"' EXIT
+trap 'exit 130' INT TERM  # exit runs the EXIT trap
 
 echo "smoke: fresh venv in $work ($($python --version))"
 $python -m venv "$work/venv"
