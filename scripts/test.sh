@@ -75,6 +75,11 @@ else
     fi
 fi
 
+# The clean install: the wheel, with only its declared dependencies, in a fresh venv, runs the
+# README's examples and the CLI (scripts/smoke.sh; .venv has the test extra, which hides a
+# dependency the package uses but does not declare).
+run "smoke" sh scripts/smoke.sh
+
 if [ -n "$failed" ]; then
     printf '\ntest.sh: FAILED stages:%s\n' "$failed" >&2
     exit 1
