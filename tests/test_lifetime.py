@@ -1,0 +1,121 @@
+"""Process lifetime: children die with a SIGKILLed parent, whatever start methods were mixed."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+REPO_DIR = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.skipif(
+    not sys.platform.startswith("linux") or not hasattr(os, "pidfd_open"),
+    reason="parent-death handling and pidfds are Linux features",
+)
+
+
+def _read_line(proc: subprocess.Popen[str], deadline: float) -> str:
+    """The first stdout line of ``proc``, waited for on its fd up to ``deadline``."""
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    while True:
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            raise AssertionError("the parent script printed nothing in time")
+        return proc.stdout.readline()
+
+
+def _wait_all_dead(pidfds: dict[int, int], deadline: float) -> set[int]:
+    """Wait (on the pidfds) until every process exited or ``deadline``; return the living."""
+    alive = dict(pidfds)
+    while alive:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        ready, _, _ = select.select(list(alive.values()), [], [], remaining)
+        for pid, fd in list(alive.items()):
+            if fd in ready:
+                del alive[pid]
+    return set(alive)
+
+
+FORK_AFTER_FORKSERVER = """
+    import json, os, sys, threading
+    import aioshm
+    import aioshm.multiprocessing as mp
+
+    def block(rank=0):
+        threading.Event().wait()
+
+    if __name__ == "__main__":
+        ranks = mp.start_processes(block, nprocs=2, join=False, start_method="forkserver")
+        pool = aioshm.Pool(1, context="forkserver")
+        worker = pool.apply(os.getpid)
+        # then fork children of the stdlib's kind, which outlive their parent by design: the
+        # drop-in Pool under "fork" and a plain Process; and a fork rank
+        fork_pool = mp.get_context("fork").Pool(1)
+        lingering = [fork_pool.apply(os.getpid)]
+        fork_ranks = mp.start_processes(block, nprocs=1, join=False, start_method="fork")
+        plain = mp.get_context("fork").Process(target=block)
+        plain.start()
+        lingering.append(plain.pid)
+        from multiprocessing import forkserver
+        server = forkserver._forkserver._forkserver_pid
+        print(json.dumps([[*ranks.pids(), worker, *fork_ranks.pids(), server], lingering]),
+              flush=True)
+        sys.stdin.read()
+"""
+
+
+@pytest.mark.timeout(90)
+def test_children_die_with_a_sigkilled_parent_after_a_fork_child(tmp_path: Path) -> None:
+    """Forkserver ranks and an ``aioshm.Pool`` worker, then fork-started children (the
+    drop-in Pool's worker and a plain ``Process``, which outlive their parent as stdlib ones
+    do, and a rank): after a SIGKILL of the parent every rank, the worker and the fork server
+    die. (A forked child used to inherit the write ends of the forkserver children's parent
+    sentinels and the server's keep-alive pipe: while it lived, neither the sentinel watch nor
+    PDEATHSIG fired.)"""
+    script = tmp_path / "parent.py"
+    script.write_text(textwrap.dedent(FORK_AFTER_FORKSERVER))
+    parent = subprocess.Popen(
+        [sys.executable, str(script)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO_DIR,
+    )
+    pidfds: dict[int, int] = {}
+    try:
+        pids, lingering = json.loads(_read_line(parent, time.monotonic() + 60))
+        assert len({*pids, *lingering}) == 7 and parent.pid not in pids
+        for pid in [*pids, *lingering]:
+            pidfds[pid] = os.pidfd_open(pid)
+        parent.kill()
+        parent.wait(30)
+        survivors = _wait_all_dead({pid: pidfds[pid] for pid in pids}, time.monotonic() + 30)
+        assert not survivors, (
+            f"outlived their SIGKILLed parent: {sorted(pids.index(p) for p in survivors)}"
+        )
+        # the stdlib-kind children did live on (holding whatever they inherited)
+        assert not select.select([pidfds[pid] for pid in lingering], [], [], 0)[0]
+    finally:
+        for fd in pidfds.values():
+            try:
+                signal.pidfd_send_signal(fd, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            os.close(fd)
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait(30)
+        for stream in (parent.stdin, parent.stdout):
+            if stream is not None:
+                stream.close()
