@@ -12,7 +12,12 @@ import textwrap
 import time
 from pathlib import Path
 
+import _lifetime_targets as targets
+import anyio
 import pytest
+
+import aioshm
+from aioshm import ProcessExitedException
 
 REPO_DIR = Path(__file__).resolve().parent.parent
 
@@ -119,3 +124,34 @@ def test_children_die_with_a_sigkilled_parent_after_a_fork_child(tmp_path: Path)
         for stream in (parent.stdin, parent.stdout):
             if stream is not None:
                 stream.close()
+
+
+# --------------------------------------------------------------------------- torn reports
+
+
+def test_killed_while_writing_its_report_is_process_exited_blocking() -> None:
+    """A child SIGKILLed in the middle of its report is ``ProcessExitedException`` naming the
+    signal (it used to be ``ProcessRaisedException`` with ``signal_name=None``)."""
+    p = aioshm.get_context("forkserver").Process(target=targets.write_torn_report_and_die)
+    p.start()
+    try:
+        with pytest.raises(ProcessExitedException) as info:
+            p.result(timeout=60)
+        assert info.value.signal_name == "SIGKILL"
+        assert info.value.exit_code == -signal.SIGKILL
+        assert info.value.pid == p.pid
+    finally:
+        p.join(30)
+        p.close()
+
+
+@pytest.mark.anyio
+async def test_killed_while_writing_its_report_is_process_exited_async() -> None:
+    p = aioshm.get_context("forkserver").Process(target=targets.write_torn_report_and_die)
+    try:
+        with anyio.fail_after(60), pytest.raises(ProcessExitedException) as info:
+            await p
+        assert info.value.signal_name == "SIGKILL"
+    finally:
+        p.join(30)
+        p.close()

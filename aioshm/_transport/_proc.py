@@ -101,7 +101,7 @@ async def _receive_report(proc: Any, *, exited: bool) -> None:
                     try:
                         proc._take_report(_reduction.loads(*got))
                     except Exception as exc:
-                        proc._take_report(("lost", exc))
+                        proc._take_lost(exc)
                     return
                 conn._read_some(socket.MSG_DONTWAIT)
         except (BlockingIOError, EOFError, OSError):
@@ -112,7 +112,7 @@ async def _receive_report(proc: Any, *, exited: bool) -> None:
     except (EOFError, OSError):
         proc._take_report(None)
     except Exception as exc:
-        proc._take_report(("lost", exc))
+        proc._take_lost(exc)
     else:
         proc._take_report(report)
 
