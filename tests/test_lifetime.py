@@ -155,3 +155,62 @@ async def test_killed_while_writing_its_report_is_process_exited_async() -> None
     finally:
         p.join(30)
         p.close()
+
+
+# --------------------------------------------------------------------------- the fd table
+
+LOW_FD_LIMIT = """
+    import json, os, resource
+    resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+    import numpy as np
+    import aioshm
+    from aioshm._shm import _segment
+
+    aioshm.set_share_threshold(0)  # every array travels as a (recycled) segment
+    a, b = aioshm.Pipe()
+    # batches of distinct sizes (1, 3, 9, 27, 81 pages): no batch can reuse another's segments
+    for k in range(5):
+        batch = [np.full(3**k * 512, k, dtype=np.float64) for _ in range(12)]
+        for arr in batch:
+            a.send(arr)
+        for _ in batch:
+            got = b.recv()
+            assert got[0] == k
+            del got
+        del batch
+    idle = len(_segment._idle)
+    # a full fd table: a new segment closes the idle ones rather than fail
+    fillers = []
+    try:
+        while True:
+            fillers.append(os.open(os.devnull, os.O_RDONLY))
+    except OSError:
+        pass
+    arr = aioshm.zeros(10)
+    ok = bool(arr.sum() == 0)
+    for fd in fillers:
+        os.close(fd)
+    print(json.dumps({"idle": idle, "budget": _segment.idle_fd_budget(), "ok": ok,
+                      "fillers": len(fillers), "after": len(_segment._idle)}))
+"""
+
+
+@pytest.mark.timeout(60)
+def test_idle_segments_never_exhaust_a_low_fd_limit() -> None:
+    """At ``RLIMIT_NOFILE=64``, 60 distinct recycled segments sent and dropped leave at most
+    an eighth of the limit idle (they used to keep every fd: FdLimitError on a receiver that
+    held no array), and with the table full a new segment trims the idle ones and succeeds."""
+    out = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(LOW_FD_LIMIT)],
+        capture_output=True,
+        text=True,
+        timeout=50,
+        cwd=REPO_DIR,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["budget"] == 8
+    assert 0 < report["idle"] <= 8
+    assert report["fillers"] > 0 and report["ok"]
+    assert report["after"] == 0  # trimmed to make room

@@ -33,9 +33,12 @@ name whose creator died with nobody holding it is an orphan that :func:`cleanup_
 removes.
 
 Recycling: copies of non-shared arrays made by the transport go into *pooled* segments. When
-the last local view of a pooled segment dies, the process keeps it mapped (lock released) in a
-bounded LRU; a later send reuses it once the write-lock attempt proves no process holds or is
-about to receive it. Receivers keep such mappings warm too, so a buffer that goes back and forth
+the last local view of a pooled segment dies, the process keeps it mapped (lock released) in an
+LRU bounded in bytes (:func:`set_pool_limit`) and in fds (:func:`idle_fd_budget`: an eighth of
+``RLIMIT_NOFILE``, since each idle segment keeps its fd); a later send reuses it once the
+write-lock attempt proves no process holds or is about to receive it. When an fd cannot be
+opened for want of room in the fd table, the idle segments are closed and the open is retried
+once before :class:`~aioshm.FdLimitError` is raised. Receivers keep such mappings warm too, so a buffer that goes back and forth
 costs neither a new segment nor a new mapping (Ray's object store does the same).
 """
 
@@ -46,6 +49,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import functools
 import mmap
 import os
 import re
@@ -55,6 +59,11 @@ import struct
 import sys
 import threading
 import weakref
+
+try:
+    import resource
+except ImportError:  # pragma: no cover - Windows
+    pass
 from collections.abc import Callable, Iterator
 from multiprocessing import util as _mp_util
 from typing import Final, Literal
@@ -71,6 +80,7 @@ __all__ = (
     "create",
     "get_all_sharing_strategies",
     "get_sharing_strategy",
+    "idle_fd_budget",
     "live_segments",
     "set_sharing_strategy",
     "shm_dir",
@@ -98,6 +108,8 @@ _segments: dict[tuple[int, int], Segment] = {}
 _idle: collections.OrderedDict[tuple[int, int], Segment] = collections.OrderedDict()
 _idle_bytes = 0
 POOL_LIMIT_DEFAULT: Final = 1 << 30
+#: The most idle recycled segments kept open, whatever the fd limit (see idle_fd_budget).
+IDLE_FDS_MAX: Final = 4096
 _pool_limit = POOL_LIMIT_DEFAULT
 # keep received segments mapped after their last local view dies (pool workers; see
 # retain_received) and the hook told when a segment this process shared is closed
@@ -193,6 +205,17 @@ def _check_new_fd(what: str, exc: OSError) -> SharedMemoryError:
     return SharedMemoryError(f"cannot {what}: {exc}")
 
 
+def _new_fd(open_fd: Callable[[], int]) -> int:
+    """``open_fd()``; when the fd table is full, close the idle recycled segments (one fd
+    each) and try once more before giving up. The caller maps the final OSError."""
+    try:
+        return open_fd()
+    except OSError as exc:
+        if exc.errno not in (errno.EMFILE, errno.ENFILE) or not _trim_idle():
+            raise
+    return open_fd()
+
+
 def _reserve(fd: int, size: int) -> None:
     """Size the segment and reserve every page now: ENOSPC here, never SIGBUS later."""
     try:
@@ -219,7 +242,8 @@ def _open_new_name(size: int) -> tuple[int, str]:
     for _ in range(100):
         name = _random_name()
         try:
-            fd = os.open(os.path.join(directory, name), flags, 0o600)
+            path = os.path.join(directory, name)
+            fd = _new_fd(functools.partial(os.open, path, flags, 0o600))
         except FileExistsError:
             continue  # squatted or a collision: never attach to what we did not create
         except OSError as exc:
@@ -237,7 +261,7 @@ def _open_new_name(size: int) -> tuple[int, str]:
 
 def _open_new_memfd(size: int) -> int:
     try:
-        fd = os.memfd_create("aioshm", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        fd = _new_fd(lambda: os.memfd_create("aioshm", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING))
     except OSError as exc:
         raise _check_new_fd("create a memfd segment", exc) from exc
     try:
@@ -353,7 +377,8 @@ class Segment:
     def ticket_fd(self) -> int:
         """A new fd (own open file description, read-locked) to send with a message."""
         try:
-            fd = os.open(f"/proc/self/fd/{self.fd}", os.O_RDWR | os.O_CLOEXEC)
+            path = f"/proc/self/fd/{self.fd}"
+            fd = _new_fd(lambda: os.open(path, os.O_RDWR | os.O_CLOEXEC))
         except OSError as exc:
             raise _check_new_fd("open a ticket for a shared segment", exc) from exc
         _ofd_lock(fd, fcntl.F_RDLCK, wait=True)
@@ -482,14 +507,39 @@ def _views_dropped(seg: Segment) -> None:
     seg.close()
 
 
+def idle_fd_budget() -> int:
+    """How many idle recycled segments (one fd each) this process keeps at most: an eighth of
+    its soft ``RLIMIT_NOFILE`` (read at every check: a limit lowered later counts), at most
+    :data:`IDLE_FDS_MAX`. At ``ulimit -n 64`` that is 8, so idle segments alone can never
+    fill the fd table a receiver needs for the fds that arrive with its messages."""
+    try:
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (NameError, OSError, ValueError):  # no resource module (Windows)
+        return IDLE_FDS_MAX
+    if soft == resource.RLIM_INFINITY or soft < 0:
+        return IDLE_FDS_MAX
+    return min(soft // 8, IDLE_FDS_MAX)
+
+
 def _evict(extra: int) -> None:
-    """Close idle pooled segments until ``extra`` more bytes fit under the pool limit."""
+    """Close idle pooled segments (least recently used first) until ``extra`` more bytes fit
+    under the pool limit and the idle ones fit the fd budget (:func:`idle_fd_budget`)."""
+    budget = idle_fd_budget()
     while True:
         with _lock:
-            if not _idle or _idle_bytes + extra <= _pool_limit:
+            if not _idle or (_idle_bytes + extra <= _pool_limit and len(_idle) <= budget):
                 return
             _, seg = next(iter(_idle.items()))
         seg.close()
+
+
+def _trim_idle() -> bool:
+    """Close every idle recycled segment; True if there was one (fds were freed)."""
+    with _lock:
+        idle = list(_idle.values())
+    for seg in idle:
+        seg.close()
+    return bool(idle)
 
 
 def retain_received(on: bool) -> None:
@@ -538,10 +588,7 @@ def set_close_hook(hook: Callable[[], object] | None) -> None:
 
 def trim() -> None:
     """Close every idle recycled segment this process keeps mapped."""
-    with _lock:
-        idle = list(_idle.values())
-    for seg in idle:
-        seg.close()
+    _trim_idle()
 
 
 def live_segments() -> list[Segment]:
@@ -714,10 +761,9 @@ def attach_name(name: str, ticket: str | None = None, *, pooled: bool = False) -
         if not ticket.startswith(name + ".t"):
             raise InvalidHandle(f"ticket {ticket!r} does not belong to segment {name!r}")
     directory = shm_dir()
+    path = os.path.join(directory, ticket or name)
     try:
-        fd = os.open(
-            os.path.join(directory, ticket or name), os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
-        )
+        fd = _new_fd(lambda: os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC))
     except FileNotFoundError as exc:
         raise InvalidHandle(f"shared-memory segment {name!r} no longer exists") from exc
     except OSError as exc:
