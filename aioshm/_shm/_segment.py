@@ -13,7 +13,12 @@ Two strategies (torch's names):
   mapping are gone, whatever was killed.
 * ``file_system``: a named file in ``/dev/shm`` (``$AIOSHM_SHM_DIR`` overrides), created
   ``O_CREAT|O_EXCL|O_NOFOLLOW`` mode 0600, named ``aioshm_<creator pid>_<64 random bits>``.
-  Attaching checks type, owner, mode and size before mapping.
+  Attaching checks type, owner, mode, size and that every page is allocated (no holes)
+  before mapping. What remains: a named file cannot be sealed, so a process of the same uid
+  that *truncates* it after we mapped it makes our next access to the cut pages a SIGBUS.
+  POSIX offers no way to forbid that (a read lease breaks on every ``O_RDWR`` open, which
+  every holder does), and a SIGBUS inside numpy's copy loop cannot be turned into a Python
+  exception. Peers that are not trusted that far must use ``file_descriptor`` segments.
 
 Cross-process reference counting uses the kernel instead of a tracker process. Every process
 that holds views of a segment holds a *read lock* (an open-file-description lock,
@@ -702,6 +707,23 @@ def _claim_pooled(size: int, strategy: str) -> Segment | None:
             seg.close()
 
 
+_RESERVES: Final = hasattr(os, "posix_fallocate")
+
+
+def _check_allocated(st: os.stat_result, what: str) -> None:
+    """Refuse a segment whose pages are not all allocated (a sparse file).
+
+    aioshm reserves every page of a segment it creates (:func:`_reserve`), so a hole means
+    another program made the file; touching the hole when the filesystem is full would kill
+    this process with SIGBUS instead of raising. Only where segments are reserved (Linux):
+    elsewhere every segment is sparse.
+    """
+    if _RESERVES and st.st_blocks * 512 < st.st_size:
+        raise InvalidHandle(
+            f"{what} is sparse: {st.st_blocks * 512} of its {st.st_size} bytes are allocated"
+        )
+
+
 def attach_fd(fd: int, *, pooled: bool = False) -> SegmentBuffer:
     """Adopt a received fd (ownership passes to this call) and return its mapped segment.
 
@@ -728,6 +750,7 @@ def attach_fd(fd: int, *, pooled: bool = False) -> SegmentBuffer:
             raise InvalidHandle(f"received segment fd {fd} is not open for reading and writing")
         if st.st_size <= 0:
             raise InvalidHandle(f"received segment fd {fd} is empty")
+        _check_allocated(st, f"received segment fd {fd}")
         key = (st.st_dev, st.st_ino)
         with _lock:
             seg = _segments.get(key)
@@ -780,6 +803,7 @@ def attach_name(name: str, ticket: str | None = None, *, pooled: bool = False) -
             raise InvalidHandle(f"segment {name!r} is accessible to others (mode {st.st_mode:o})")
         if st.st_size <= 0:
             raise InvalidHandle(f"segment {name!r} is empty")
+        _check_allocated(st, f"segment {name!r}")
         key = (st.st_dev, st.st_ino)
         with _lock:
             seg = _segments.get(key)
