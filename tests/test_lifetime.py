@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -214,3 +216,66 @@ def test_idle_segments_never_exhaust_a_low_fd_limit() -> None:
     assert 0 < report["idle"] <= 8
     assert report["fillers"] > 0 and report["ok"]
     assert report["after"] == 0  # trimmed to make room
+
+
+# --------------------------------------------------------------------------- clean exit
+
+CLEAN_EXIT = """
+    import json, os, sys
+    import numpy as np
+    import aioshm
+    import aioshm.multiprocessing as mp
+
+    aioshm.set_sharing_strategy("file_system")
+    KEPT = aioshm.zeros(1000)  # a module global's named array, alive at exit
+
+    def produce(q):
+        aioshm.set_sharing_strategy("file_system")
+        for i in range(2):
+            q.put(aioshm.full(100, i))  # a child's messages, one of them never received
+        q.put(np.arange(100_000))  # a value copy
+
+    if __name__ == "__main__":
+        q = aioshm.Queue()
+        for i in range(3):
+            q.put(np.full(100_000, i))  # value copies into recycled segments, never received
+        q.put(KEPT)
+        a, b = aioshm.Pipe()
+        a.send(aioshm.ones(10))  # and on a pipe
+        other = mp.Queue()
+        child = mp.get_context("spawn").Process(target=produce, args=(other,))
+        child.start()
+        first = other.get(timeout=30)
+        child.join(30)
+        assert first[0] == 0 and child.exitcode == 0
+        print(json.dumps(sorted(os.listdir(os.environ["AIOSHM_SHM_DIR"]))), flush=True)
+"""
+
+
+@pytest.mark.timeout(90)
+def test_file_system_leaves_nothing_after_a_clean_exit(tmp_path: Path) -> None:
+    """Under ``file_system``, a program that exits cleanly with unreceived queue and pipe
+    messages (its own and a finished child's) and a module global's named array leaves its
+    segment directory empty (names and tickets used to stay)."""
+    script = tmp_path / "clean_exit.py"
+    script.write_text(textwrap.dedent(CLEAN_EXIT))
+    shm_dir = tempfile.mkdtemp(prefix="exit-", dir=os.environ.get("AIOSHM_SHM_DIR"))
+    env = {k: v for k, v in os.environ.items() if k != "AIOSHM_SESSION"}  # a program of its own
+    env["AIOSHM_SHM_DIR"] = shm_dir
+    try:
+        out = subprocess.run(
+            [sys.executable, str(script)],
+            capture_output=True,
+            text=True,
+            timeout=80,
+            cwd=REPO_DIR,
+            env=env,
+            check=False,
+        )
+        assert out.returncode == 0, out.stderr
+        before_exit = json.loads(out.stdout.strip().splitlines()[-1])
+        assert any(".t" in name for name in before_exit)  # tickets of unreceived messages
+        assert len(before_exit) >= 8
+        assert os.listdir(shm_dir) == []
+    finally:
+        shutil.rmtree(shm_dir, ignore_errors=True)

@@ -238,7 +238,7 @@ def _reserve(fd: int, size: int) -> None:
 
 
 def _random_name(pid: int | None = None) -> str:
-    return f"{PREFIX}{pid if pid is not None else os.getpid()}_{secrets.token_hex(8)}"
+    return f"{PREFIX}{pid if pid is not None else os.getpid()}_{_session}{secrets.token_hex(4)}"
 
 
 def _open_new_name(size: int) -> tuple[int, str]:
@@ -394,7 +394,7 @@ class Segment:
         assert self.name is not None
         directory = shm_dir()
         for _ in range(100):
-            ticket = f"{self.name}.t{os.getpid()}_{secrets.token_hex(8)}"
+            ticket = f"{self.name}.t{os.getpid()}_{_session}{secrets.token_hex(4)}"
             try:
                 os.link(os.path.join(directory, self.name), os.path.join(directory, ticket))
             except FileExistsError:
@@ -611,8 +611,9 @@ def _after_fork_in_child() -> None:
     """A forked child shares its parent's open file descriptions, hence its locks: give every
     segment the child holds views of its own description and lock, and forget the idle ones
     (closing our copy of their fds leaves the parent's description, lock and name alone)."""
-    global _lock, _idle_bytes
+    global _lock, _idle_bytes, _session_opener
     _lock = threading.RLock()
+    _session_opener = False  # the parent's session: the parent sweeps it
     for seg in list(_segments.values()):
         if seg.has_views():
             try:
@@ -637,15 +638,111 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+# --------------------------------------------------------------------------- exit
+
+# Note [Nothing named survives a clean exit]
+# ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+# Named segments and tickets outlive their processes by design: a producer may put arrays and
+# exit before its consumer gets them. So a process cannot remove its own tickets when it exits;
+# the process that outlives the others can. The names carry a *session* (the first 8 of their
+# 16 random hex digits, also in tickets): the first process that imports aioshm with no
+# ``AIOSHM_SESSION`` in its environment opens one and puts it there, and every process it
+# starts (spawn, fork server, fork) or runs inherits it. At a clean exit:
+#
+# * every process, once multiprocessing has joined its children, closes its idle segments and
+#   unlinks the names of the segments it still maps -- a module global's array included --
+#   when it is their last holder and no ticket is in flight, leaving the mapping in place
+#   (code that runs later at exit may still touch it);
+# * the session's first process first removes the session's remaining tickets (messages
+#   nobody will receive now) and afterwards unlinks every session name no process holds (the
+#   write-lock test).
+#
+# A process that was started in the session but outlives its first process (a detached
+# subprocess) keeps what it holds; its names are unlinked when it closes them. After a crash,
+# :func:`cleanup_orphans` removes what dead processes left.
+
+SESSION_ENV: Final = "AIOSHM_SESSION"
+_SESSION_RE: Final = re.compile(r"[0-9a-f]{8}", re.ASCII)
+
+
+def _open_session() -> tuple[str, bool]:
+    """``(session, whether this process opened it)``."""
+    token = os.environ.get(SESSION_ENV, "")
+    if _SESSION_RE.fullmatch(token):
+        return token, False
+    token = secrets.token_hex(4)
+    os.environ[SESSION_ENV] = token
+    return token, True
+
+
+_session, _session_opener = _open_session()
+
+
 def _trim_at_exit() -> None:
     with contextlib.suppress(Exception):  # never let cleanup at exit mask the real exit
         trim()
 
 
-# multiprocessing runs these finalizers at exit in the main process (atexit) and in every
-# child it starts (which leave through os._exit): idle recycled segments are released, so a
-# named one whose other holders are gone gets unlinked.
-_mp_util.Finalize(None, _trim_at_exit, exitpriority=10)
+def _release_named() -> None:
+    """Unlink the names of the segments this process maps if it is their last holder and no
+    ticket is in flight; the mappings stay (code that runs later at exit may touch them)."""
+    with _lock:
+        named = [s for s in _segments.values() if s.name is not None and not s.closed]
+    for seg in named:
+        with contextlib.suppress(OSError):
+            if seg.fd >= 0 and seg.name is not None and _unlink_if_last(seg.fd, seg.name):
+                _ofd_lock(seg.fd, fcntl.F_RDLCK)  # back from the test's write lock
+
+
+def _session_of(entry: str) -> str:
+    """The session of a name or a ticket (the first 8 hex digits of its last random part)."""
+    return entry.rsplit("_", 1)[1][:8]
+
+
+def _release_at_exit() -> None:
+    """After multiprocessing joined this process's children: see the Note above."""
+    with contextlib.suppress(Exception):  # never let cleanup at exit mask the real exit
+        trim()
+        if not _session_opener:
+            _release_named()
+            return
+        directory = shm_dir()
+        names = []
+        for entry, m in _iter_names(directory):
+            if _session_of(entry) != _session:
+                continue
+            if m.group(2) is None:
+                names.append(entry)
+            else:  # a ticket: its message will not be received now
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(directory, entry))
+        _release_named()  # our own names, now that no ticket counts against them
+        for entry in names:
+            path = os.path.join(directory, entry)
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except OSError:
+                continue
+            try:
+                if os.fstat(fd).st_uid == os.geteuid():
+                    _unlink_if_last(fd, entry)
+            finally:
+                os.close(fd)
+
+
+class _ExitHooks:
+    """Registers the exit finalizers; a multiprocessing child clears the registry it inherits
+    when it starts, and re-registers them through ``register_after_fork``."""
+
+    def register(self) -> None:
+        # 10: before multiprocessing joins the children; -10: after it did
+        _mp_util.Finalize(None, _trim_at_exit, exitpriority=10)
+        _mp_util.Finalize(None, _release_at_exit, exitpriority=-10)
+
+
+_exit_hooks = _ExitHooks()
+_exit_hooks.register()
+_mp_util.register_after_fork(_exit_hooks, _ExitHooks.register)
 
 
 # --------------------------------------------------------------------------- public constructors
