@@ -6,7 +6,9 @@ The classes here subclass the stdlib ones for each start method, so every blocki
 
 * the target's return value travels back over a result pipe (aioshm ``Connection``: arrays as
   shared-memory handles); an exception travels back as the original object plus its formatted
-  traceback (same report protocol as :mod:`aioshm._spawn`);
+  traceback: one outcome report (:mod:`aioshm._wire._report`), sent by the one child runner
+  and rebuilt by the one rebuilder below, which spawn ranks and pool workers share (Note
+  [One child runner, one rebuilder]);
 * ``await p`` starts the process if needed and returns the target's return value, or re-raises
   the child's exception as its original type with a :class:`~aioshm.RemoteTraceback` as
   ``__cause__``; a child that died without a result raises

@@ -4,13 +4,20 @@ accepts exactly the documented shapes and raises ``ProtocolError`` for everythin
 from __future__ import annotations
 
 import pickle
+import traceback
 from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aioshm._exceptions import ProtocolError
+from aioshm._exceptions import (
+    ProcessExitedException,
+    ProcessRaisedException,
+    ProtocolError,
+    RemoteTraceback,
+)
+from aioshm._process import Lost, rebuild_failure, run_and_report
 from aioshm._wire import Raised, Returned, decode_report, encode_report
 from aioshm._wire._report import MAX_TYPE_NAME
 
@@ -124,3 +131,87 @@ def test_decode_of_tagged_tuples(tag: str, rest: list[Any]) -> None:
 def test_malformed_reports_are_protocol_errors(msg: object) -> None:
     with pytest.raises(ProtocolError):
         decode_report(msg)
+
+
+# --------------------------------------------------------------------------- runner, rebuilder
+
+
+def _boom() -> None:
+    raise ValueError("boom")
+
+
+def test_runner_reports_a_return_value_and_an_exception() -> None:
+    sent: list[object] = []
+    assert run_and_report(sent.append, lambda x: x * 2, (21,), {}, "the value") is None
+    raised = run_and_report(sent.append, _boom, (), {}, "the value")
+    assert isinstance(raised, ValueError)
+    ok, failed = (decode_report(m) for m in sent)
+    assert ok == Returned(42)
+    assert isinstance(failed, Raised) and failed.type_name == "ValueError"
+    assert "_boom" in failed.traceback and isinstance(failed.exception, ValueError)
+
+
+def test_runner_names_a_value_that_cannot_be_sent() -> None:
+    """The send of a return value fails (it does not pickle): a Raised PicklingError naming
+    ``what`` and the value's type goes instead."""
+    sent: list[object] = []
+
+    def send(msg: object) -> None:
+        if isinstance(msg, tuple) and msg[0] == "ok":
+            raise TypeError("cannot pickle 'generator' object")
+        sent.append(msg)
+
+    failure = run_and_report(send, lambda: (i for i in ()), (), {}, "the return value of f()")
+    assert isinstance(failure, pickle.PicklingError)
+    (report,) = (decode_report(m) for m in sent)
+    assert isinstance(report, Raised) and report.type_name == "_pickle.PicklingError"
+    assert "the return value of f() cannot be sent" in report.traceback
+    assert "generator" in report.traceback
+
+
+def test_rebuild_raised_keeps_the_type_and_prints_the_traceback_once() -> None:
+    tb = "Traceback (most recent call last):\n  child frame\nValueError: boom\n"
+    error = rebuild_failure(Raised("ValueError", tb, ValueError("boom")), 1, who="p", pid=7)
+    assert isinstance(error, ValueError) and isinstance(error.__cause__, RemoteTraceback)
+    grouped = rebuild_failure(
+        Raised("ValueError", tb, ValueError("boom")), 1, who="process 2", pid=7, index=2, group=True
+    )
+    assert isinstance(grouped, ProcessRaisedException)
+    assert (grouped.error_index, grouped.pid, grouped.remote_traceback) == (2, 7, tb)
+    assert "".join(traceback.format_exception(grouped)).count("child frame") == 1
+    unpicklable = rebuild_failure(Raised("m.Locked", tb), 1, who="p", pid=7)
+    assert isinstance(unpicklable, ProcessRaisedException)
+    assert unpicklable.exc_type_name == "m.Locked"
+    assert "".join(traceback.format_exception(unpicklable)).count("child frame") == 1
+
+
+@pytest.mark.parametrize(
+    ("report", "exitcode", "expected", "signal_name"),
+    [
+        (None, 0, None, None),
+        (None, None, None, None),
+        (Returned(1), 0, None, None),
+        (Returned(1), -9, None, None),  # a Process that returned, then was killed: its value
+        (None, 3, ProcessExitedException, None),
+        (None, -9, ProcessExitedException, "SIGKILL"),
+        (Lost(ProtocolError("torn")), -9, ProcessExitedException, "SIGKILL"),
+        (Lost(ProtocolError("torn")), 0, ProcessRaisedException, None),
+        (Raised("ValueError", "tb"), -9, ProcessRaisedException, None),  # complete: it raised
+    ],
+)
+def test_rebuild_failure_table(
+    report: Any, exitcode: int | None, expected: type | None, signal_name: str | None
+) -> None:
+    error = rebuild_failure(report, exitcode, who="process 0", pid=5)
+    if expected is None:
+        assert error is None
+        return
+    assert type(error) is expected
+    if isinstance(error, ProcessExitedException):
+        assert error.signal_name == signal_name and error.exit_code == exitcode
+
+
+def test_rebuild_failure_of_a_rank_that_returned_and_was_killed() -> None:
+    """Ranks follow torch: any non-zero exit is a failure, even after a value was sent."""
+    error = rebuild_failure(Returned(1), -15, who="process 1", pid=5, index=1, group=True)
+    assert isinstance(error, ProcessExitedException) and error.signal_name == "SIGTERM"
