@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import multiprocessing.connection
 import os
 import select
 import shutil
@@ -148,9 +149,15 @@ def test_killed_while_writing_its_report_is_process_exited_blocking() -> None:
 
 
 @pytest.mark.anyio
-async def test_killed_while_writing_its_report_is_process_exited_async() -> None:
+@pytest.mark.parametrize("dead_first", [False, True], ids=["running", "dead-first"])
+async def test_killed_while_writing_its_report_is_process_exited_async(dead_first: bool) -> None:
+    """The same on the async face, whether the child is still running when the await starts
+    or already dead (then its pipe is drained without blocking, and the torn frame found)."""
     p = aioshm.get_context("forkserver").Process(target=targets.write_torn_report_and_die)
     try:
+        if dead_first:
+            p.start()
+            assert multiprocessing.connection.wait([p.sentinel], 60)
         with anyio.fail_after(60), pytest.raises(ProcessExitedException) as info:
             await p
         assert info.value.signal_name == "SIGKILL"
