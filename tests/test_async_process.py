@@ -566,6 +566,8 @@ async def test_spawn_first_failure_raises_and_stops_the_other_rank() -> None:
         assert err.__cause__.__cause__ is None
         printed = "".join(traceback.format_exception(err))
         assert printed.count('raise ValueError("rank 0 failed")') == 1
+        with anyio.fail_after(WAIT), pytest.raises(ProcessRaisedException):
+            await group.join_async()  # again by every later call (it used to return True)
         assert returncode(group.processes[1]) == -signal.SIGTERM
         for pid in pids:
             assert_gone(pid)
