@@ -13,12 +13,13 @@ Two strategies (torch's names):
   mapping are gone, whatever was killed.
 * ``file_system``: a named file in ``/dev/shm`` (``$AIOSHM_SHM_DIR`` overrides), created
   ``O_CREAT|O_EXCL|O_NOFOLLOW`` mode 0600, named ``aioshm_<creator pid>_<session><random>``
-  (8 + 8 hex digits: see Note [Nothing named survives a clean exit]). Attaching checks
-  type, owner, mode, size and that every page is allocated (no holes) before mapping. What remains: a named file cannot be sealed, so a process of the same uid
-  that *truncates* it after we mapped it makes our next access to the cut pages a SIGBUS.
-  POSIX offers no way to forbid that (a read lease breaks on every ``O_RDWR`` open, which
-  every holder does), and a SIGBUS inside numpy's copy loop cannot be turned into a Python
-  exception. Peers that are not trusted that far must use ``file_descriptor`` segments.
+  (8 + 8 hex digits: see Note [Nothing named survives a clean exit]). Attaching checks type,
+  owner, mode, size and that every page is allocated (no holes) before mapping. What remains: a
+  named file cannot be sealed, so a process of the same uid that *truncates* it after we mapped
+  it makes our next access to the cut pages a SIGBUS. POSIX offers no way to forbid that (a
+  read lease breaks on every ``O_RDWR`` open, which every holder does), and a SIGBUS inside
+  numpy's copy loop cannot be turned into a Python exception. Peers that are not trusted that
+  far must use ``file_descriptor`` segments.
 
 Cross-process reference counting uses the kernel instead of a tracker process. Every process
 that holds views of a segment holds a *read lock* (an open-file-description lock,
