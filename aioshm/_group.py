@@ -29,7 +29,7 @@ import anyio.lowlevel
 
 from . import _spawn
 from ._context import DEFAULT_START_METHOD
-from ._process import DEFAULT_GRACE_PERIOD
+from ._process import DEFAULT_GRACE_PERIOD, Lost, report_of
 from ._transport._proc import wait_reapable
 from ._transport._waits import MultiWait, current_async_library
 
@@ -78,8 +78,12 @@ class AsyncProcessContext(_spawn.ProcessContext):
         """Awaitable :meth:`join`: True once every rank exited successfully.
 
         False when ``timeout`` expires first. On the first failure the others are stopped
-        (``grace_period`` defaults to 2 s here) and the failure is raised.
+        (``grace_period`` defaults to 2 s here) and the failure is raised (again by every
+        later call).
         """
+        if self._error_index is not None:
+            await anyio.lowlevel.checkpoint()
+            raise self._raise_error(self._error_index)
         if not self.sentinels:
             self._close_all_conns()
             await anyio.lowlevel.checkpoint()
@@ -93,29 +97,27 @@ class AsyncProcessContext(_spawn.ProcessContext):
         error_index = next((i for i in ranks if self._failed(i)), None)
         if error_index is None:
             for index in ranks:
-                report = self._reports.get(index)
-                if report is not None and report[0] == "ok":
-                    self.results[index] = report[1]
+                self.results[index] = self._value(index)
             if not self.sentinels:
                 self._close_all_conns()
                 return True
             return False
+        self._error_index = error_index
         await self._stop_all_async(grace, wait_first=False)
-        raise self._error(error_index)
+        raise self._raise_error(error_index)
 
     async def _receive_async(self, index: int) -> None:
         conn = self._conns.get(index)
         if conn is None:
             return
         try:
-            report = await conn.recv_async()  # type: ignore[attr-defined]
+            msg = await conn.recv_async()  # type: ignore[attr-defined]
         except (EOFError, OSError):
             pass
         except Exception as exc:
-            self._reports.setdefault(index, ("lost", exc))
+            self._reports.setdefault(index, Lost(exc))
         else:
-            if isinstance(report, tuple) and report and report[0] in ("ok", "raised"):
-                self._reports.setdefault(index, report)
+            self._reports.setdefault(index, report_of(msg))
         self._close_conn(index)
 
     async def _wait_async(self, timeout: float | None) -> list[int]:

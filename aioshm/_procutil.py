@@ -276,3 +276,65 @@ def _restore_mask_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_restore_mask_in_child)
+
+
+# --------------------------------------------------------------------------- fork children
+
+# Note [What a forked child must not hold]
+# ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+# A child knows its parent is gone when the parent's end of a pipe reaches EOF: the sentinel
+# read by ``arm_parent_death_watch`` (the parent keeps its write end, ``_parent_w`` of a
+# forkserver popen, ``parent_w`` of a fork or spawn popen) and the fork server's keep-alive
+# pipe (the server exits, and its children get PDEATHSIG, once every write end is closed).
+# ``O_CLOEXEC`` does not help against ``fork``: a child forked later (``get_context("fork")``,
+# the stdlib's default start method, a plain ``os.fork()``) inherits every one of those write
+# ends, and as long as it lives no EOF comes, so ranks and workers would outlive a SIGKILLed
+# parent. The hook below runs in every forked child, inside ``os.fork()`` and before any of
+# the child's own code: it closes the parent-side fds of every process the parent started
+# (cancelling the finalizers that would close those numbers again later, since another file
+# may have them by then) and forgets the parent's fork server (closing its keep-alive fd), so
+# the child starts its own server if it needs one; the stdlib's ``ensure_running`` could not
+# use the parent's anyway (``waitpid`` on a process that is not its child fails).
+
+
+def _parent_only_fds() -> list[tuple[object, list[int]]]:
+    """``(finalizer, fds)`` for every started child's parent-side pipe ends."""
+    from multiprocessing import process, util
+
+    close_fds = getattr(util, "close_fds", None)
+    found = []
+    for child in list(getattr(process, "_children", ())):
+        popen = getattr(child, "_popen", None)
+        finalizer = getattr(popen, "finalizer", None)
+        if finalizer is None or getattr(finalizer, "_callback", None) is not close_fds:
+            continue
+        fds = [fd for fd in getattr(finalizer, "_args", ()) if isinstance(fd, int)]
+        found.append((finalizer, fds))
+    return found
+
+
+def _drop_parent_fds_in_child() -> None:
+    """After ``fork`` in the child: close the parent's liveness fds (see the Note above)."""
+    if "multiprocessing.util" in sys.modules:
+        for finalizer, fds in _parent_only_fds():
+            cancel = getattr(finalizer, "cancel", None)
+            if callable(cancel):
+                cancel()
+            for fd in fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+    forkserver = sys.modules.get("multiprocessing.forkserver")
+    server = getattr(forkserver, "_forkserver", None)
+    alive = getattr(server, "_forkserver_alive_fd", None)
+    if server is not None and alive is not None:
+        with contextlib.suppress(OSError):
+            os.close(alive)
+        server._forkserver_alive_fd = None
+        server._forkserver_pid = None
+        server._forkserver_address = None  # the parent's socket: not ours to unlink
+        if hasattr(server, "_forkserver_authkey"):  # 3.14
+            server._forkserver_authkey = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_drop_parent_fds_in_child)

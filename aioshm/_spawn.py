@@ -17,29 +17,21 @@ No anyio here: this is the synchronous face, and the code that runs in the child
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import logging
 import multiprocessing
 import multiprocessing.connection
 import os
-import pickle
 import sys
 import time
-import traceback
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from multiprocessing.process import BaseProcess
-from multiprocessing.reduction import ForkingPickler
 from typing import Any, Protocol
 
-from . import _connection, _procutil, _reduction
-from ._exceptions import (
-    ProcessException,
-    ProcessExitedException,
-    ProcessRaisedException,
-    RemoteTraceback,
-    signal_name_of,
-)
+from . import _connection, _process, _procutil, _reduction
+from ._exceptions import ProcessException
+from ._process import Lost, rebuild_failure, report_of, run_and_report
+from ._wire._report import Report, Returned
 
 __all__ = (
     "ENV_VAR_PARALLEL_START",
@@ -49,6 +41,10 @@ __all__ = (
 )
 
 log = logging.getLogger(__name__)
+
+# the pool worker imports these two from here
+_round_trips = _process._round_trips
+_type_name = _process._type_name
 
 ENV_VAR_PARALLEL_START = "TORCH_MP_PARALLEL_START"
 
@@ -77,69 +73,28 @@ class _ResultConnection(Protocol):
 # child side
 
 
-def _type_name(tp: type) -> str:
-    """``ValueError`` for builtins, ``package.module.Class`` otherwise."""
-    module = getattr(tp, "__module__", None)
-    if module in (None, "builtins", "__builtin__"):
-        return tp.__qualname__
-    return f"{module}.{tp.__qualname__}"
-
-
-def _round_trips(obj: object) -> bool:
-    """Whether ``obj`` survives a ForkingPickler dump and a load (so the parent can rebuild it)."""
-    try:
-        pickle.loads(ForkingPickler.dumps(obj))
-    except Exception:
-        return False
-    return True
-
-
-def _report_raised(conn: _ResultConnection, exc: BaseException) -> None:
-    """Send ``("raised", exc_or_None, type_name, traceback_text)``; ignore a gone parent."""
-    tb_text = "".join(traceback.format_exception(exc))
-    payload = exc if _round_trips(exc) else None
-    try:
-        conn.send(("raised", payload, _type_name(type(exc)), tb_text))
-    except Exception:
-        # The type name and the text still carry the failure; a gone parent needs nothing.
-        with contextlib.suppress(Exception):
-            conn.send(("raised", None, _type_name(type(exc)), tb_text))
-
-
 def _wrap(
     fn: Callable[..., object], rank: int, args: Sequence[object], result_conn: _ResultConnection
 ) -> None:
     """Child entry point: run ``fn(rank, *args)`` and report its outcome to the parent.
 
-    Success sends ``("ok", value)``. An exception (``KeyboardInterrupt`` included, and a return
-    value that cannot be pickled) sends ``("raised", exc_or_None, type_name, traceback_text)``
-    and exits with code 1. ``SystemExit`` passes through untouched (its code is the exit code).
+    The runner of :mod:`aioshm._process` (Note [One child runner, one rebuilder]) sends the
+    report; a failure (``KeyboardInterrupt`` included, and a return value that cannot be
+    pickled) exits with code 1. ``SystemExit`` passes through untouched (its code is the exit
+    code).
     """
     _procutil.arm_parent_death_watch()
-    failed = False
     try:
-        try:
-            value = fn(rank, *args)
-        except (Exception, KeyboardInterrupt) as exc:
-            failed = True
-            _report_raised(result_conn, exc)
-        else:
-            try:
-                result_conn.send(("ok", value))
-            except (BrokenPipeError, ConnectionResetError):
-                failed = True  # the parent is gone: nobody to report to
-            except Exception as err:
-                failed = True
-                try:
-                    raise pickle.PicklingError(
-                        f"process {rank}: the return value of {_fn_name(fn)} cannot be sent to "
-                        f"the parent: a {_type_name(type(value))} could not be pickled ({err!r})"
-                    ) from err
-                except pickle.PicklingError as perr:
-                    _report_raised(result_conn, perr)
+        failure = run_and_report(
+            result_conn.send,
+            fn,
+            (rank, *args),
+            {},
+            f"process {rank}: the return value of {_fn_name(fn)}",
+        )
     finally:
         result_conn.close()
-    if failed:
+    if failure is not None:
         sys.exit(1)
 
 
@@ -183,8 +138,8 @@ class ProcessContext:
             if conn is not None:
                 self._conns[index] = conn
                 self._reader_fds[conn.fileno()] = index
-        # rank -> the report it sent: ("ok", value) | ("raised", exc, name, tb) | ("lost", exc)
-        self._reports: dict[int, tuple[Any, ...]] = {}
+        # rank -> the report it sent, or Lost when one came that could not be received
+        self._reports: dict[int, Report | Lost] = {}
         self._error_index: int | None = None
 
     def pids(self) -> list[int]:
@@ -212,17 +167,13 @@ class ProcessContext:
                     pass
             if conn.poll(0):
                 try:
-                    report = conn.recv()
+                    msg = conn.recv()
                 except (EOFError, OSError):
                     pass
                 except Exception as exc:
-                    self._reports.setdefault(index, ("lost", exc))
+                    self._reports.setdefault(index, Lost(exc))
                 else:
-                    if isinstance(report, tuple) and report and report[0] in ("ok", "raised"):
-                        self._reports.setdefault(index, report)
-                    else:
-                        bad = pickle.UnpicklingError(f"malformed report {report!r:.200}")
-                        self._reports.setdefault(index, ("lost", bad))
+                    self._reports.setdefault(index, report_of(msg))
                 self._close_conn(index)
             elif exited:
                 self._close_conn(index)
@@ -299,9 +250,12 @@ class ProcessContext:
                 return
 
     def _failed(self, index: int) -> bool:
-        exitcode = self.processes[index].exitcode
+        return self._error(index) is not None
+
+    def _value(self, index: int) -> Any:
+        """What rank ``index`` returned (None if it sent no value)."""
         report = self._reports.get(index)
-        return exitcode != 0 or (report is not None and report[0] != "ok")
+        return report.value if isinstance(report, Returned) else None
 
     def _stop_all(self, grace_period: float | None, *, wait_first: bool = True) -> None:
         """torch's shutdown: (wait out ``grace_period``), SIGTERM, wait, SIGKILL, reap, close.
@@ -345,7 +299,7 @@ class ProcessContext:
         KeyboardInterrupt), every rank is stopped the same way, at once, before it propagates.
         """
         if self._error_index is not None:
-            raise self._error(self._error_index)
+            raise self._raise_error(self._error_index)
         if not self.sentinels:
             self._close_all_conns()
             return True
@@ -361,9 +315,7 @@ class ProcessContext:
                 if error_index is None:
                     error_index = index
             else:
-                report = self._reports.get(index)
-                if report is not None and report[0] == "ok":
-                    self.results[index] = report[1]
+                self.results[index] = self._value(index)
         if error_index is None:
             if not self.sentinels:
                 self._close_all_conns()
@@ -371,50 +323,25 @@ class ProcessContext:
             return False
         self._error_index = error_index
         self._stop_all(grace_period)
-        raise self._error(error_index)
+        raise self._raise_error(error_index)
 
-    def _error(self, index: int) -> ProcessException:
-        """The exception for failed rank ``index``, with the original as ``__cause__``."""
+    def _error(self, index: int) -> BaseException | None:
+        """Rank ``index``'s failure (:func:`~aioshm._process.rebuild_failure`), or None."""
         process = self.processes[index]
-        pid = int(process.pid) if process.pid is not None else -1
-        exitcode = process.exitcode if process.exitcode is not None else -1
-        report = self._reports.get(index)
-        if report is not None and report[0] == "raised":
-            _, original, type_name, tb_text = report
-            error = ProcessRaisedException(
-                f"\n\n-- Process {index} terminated with the following error:\n{tb_text}",
-                index,
-                pid,
-                str(type_name),
-                str(tb_text),
-            )
-            if isinstance(original, BaseException):
-                original.__cause__ = RemoteTraceback(str(tb_text))
-                error.__cause__ = original
-            return error
-        if report is not None and report[0] == "lost" and exitcode >= 0:
-            # (A rank killed by a signal mid-report is reported as exited, below.)
-            lost = report[1]
-            tb_text = "".join(traceback.format_exception(lost))
-            msg = (
-                f"\n\n-- Process {index} terminated with the following error:\n"
-                f"its report could not be received by the parent:\n{tb_text}"
-            )
-            error = ProcessRaisedException(msg, index, pid, _type_name(type(lost)), tb_text)
-            error.__cause__ = lost
-            return error
-        if exitcode < 0:
-            name = signal_name_of(exitcode)
-            return ProcessExitedException(
-                f"process {index} terminated with signal {name}",
-                index,
-                pid,
-                exitcode,
-                name,
-            )
-        return ProcessExitedException(
-            f"process {index} terminated with exit code {exitcode}", index, pid, exitcode
+        return rebuild_failure(
+            self._reports.get(index),
+            process.exitcode,
+            who=f"process {index}",
+            pid=int(process.pid) if process.pid is not None else -1,
+            index=index,
+            group=True,
         )
+
+    def _raise_error(self, index: int) -> ProcessException:
+        """The exception for failed rank ``index``, with the original as ``__cause__``."""
+        error = self._error(index)
+        assert isinstance(error, ProcessException)
+        return error
 
 
 # ---------------------------------------------------------------------------------------------

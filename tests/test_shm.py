@@ -128,13 +128,20 @@ class _Cases:
 
 
 def _make_named(
-    directory: str, *, pid: int | None = None, mode: int = 0o600, size: int = PAGE
+    directory: str,
+    *,
+    pid: int | None = None,
+    mode: int = 0o600,
+    size: int = PAGE,
+    sparse: bool = False,
 ) -> str:
     """A segment-like file created by hand (not by aioshm) under a valid aioshm name."""
     name = _segment._random_name(pid)
     fd = os.open(os.path.join(directory, name), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         os.ftruncate(fd, size)
+        if size and not sparse:
+            os.posix_fallocate(fd, 0, size)
         os.fchmod(fd, mode)
     finally:
         os.close(fd)
@@ -578,6 +585,23 @@ def test_attach_name_rejects_segment_of_another_uid() -> None:
         os.unlink(path)
 
 
+def test_attach_name_rejects_a_sparse_file() -> None:
+    """A same-uid peer's file with holes is refused before it is mapped: touching a hole on a
+    full filesystem would kill the receiver with SIGBUS (every aioshm segment is reserved)."""
+    name = _make_named(shm_dir(), size=4 * PAGE, sparse=True)
+    path = os.path.join(shm_dir(), name)
+    try:
+        with open(path, "r+b") as f:  # one page of four allocated
+            f.write(b"x" * PAGE)
+        before = _nfds()
+        with pytest.raises(InvalidHandle, match="sparse"):
+            attach_name(name)
+        assert _nfds() == before
+        assert not any(s.name == name for s in live_segments())
+    finally:
+        os.unlink(path)
+
+
 def test_attach_name_rejects_dead_empty_and_fifo_names() -> None:
     """B10 and B8: an unlinked name, an empty file or a FIFO → InvalidHandle, no fd left open."""
     buf = create(100, strategy="file_system")
@@ -663,9 +687,11 @@ def test_attach_name_adopts_a_segment_made_elsewhere() -> None:
 # --------------------------------------------------------------------------- attach_fd
 
 
-def _memfd(size: int, seals: int) -> int:
+def _memfd(size: int, seals: int, *, sparse: bool = False) -> int:
     fd = os.memfd_create("test", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     os.ftruncate(fd, size)
+    if size and not sparse:
+        os.posix_fallocate(fd, 0, size)
     if seals:
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
     return fd
@@ -770,6 +796,19 @@ def test_attach_fd_adopts_a_sealed_memfd() -> None:
     assert bytes(np.asarray(buf)[PAGE : PAGE + 5]) == b"hello"
     assert buf.segment in live_segments()
     del buf
+    assert _fd_closed(fd)
+    assert _nfds() == before
+
+
+@needs_memfd
+def test_attach_fd_rejects_a_sparse_memfd() -> None:
+    """A sealed memfd with holes is refused (and closed): a write into a hole when the memfd
+    tmpfs is full would be a SIGBUS in the receiver."""
+    before = _nfds()
+    fd = _memfd(2 * PAGE, _SEALED, sparse=True)
+    os.pwrite(fd, b"hello", PAGE)
+    with pytest.raises(InvalidHandle, match="sparse"):
+        attach_fd(fd)
     assert _fd_closed(fd)
     assert _nfds() == before
 
@@ -928,6 +967,30 @@ def test_view_on_zero_strides_within_the_limit() -> None:
     out = view_on(buf, 8, (1 << 16, 4), (0, 0), "<i2", True)
     assert out.shape == (1 << 16, 4) and out.strides == (0, 0)
     assert (out.copy() == 0x0303).all()
+
+
+def test_broadcast_view_larger_than_its_segment_travels_without_allocating() -> None:
+    """The decision of Note [Logical size]: a 1 GiB broadcast of a one-page shared array is a
+    legal handle (numpy made it); it arrives as a zero-stride view of the same page, and
+    receiving it allocates nothing. Only claims above ``MAX_VIEW_BYTES`` are refused."""
+    import aioshm
+
+    base = aioshm.zeros(PAGE // 8)
+    big = np.broadcast_to(base[:1], (1 << 27,))  # 1 GiB logical, 8 bytes of memory
+    a, b = aioshm.Pipe()
+    try:
+        a.send(big)
+        got = b.recv()
+        assert got.shape == big.shape and got.strides == (0,)
+        assert got.nbytes == 1 << 30 > PAGE
+        base[0] = 7.0
+        assert got[12345] == 7.0  # the same memory, not a copy
+        assert aioshm.is_shared(got)
+    finally:
+        a.close()
+        b.close()
+    with pytest.raises(InvalidHandle, match="claims more than"):
+        view_on(segment_buffer_of(base), 0, (MAX_VIEW_BYTES // 8 + 1,), (0,), "<f8", True)
 
 
 def test_view_on_ndim_limit() -> None:

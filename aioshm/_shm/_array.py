@@ -30,9 +30,22 @@ __all__ = (
 )
 
 MAX_NDIM: Final = 64
-#: Largest logical size (shape × itemsize) a received view may claim. Zero strides let a
-#: tiny segment pose as a terabyte array, and a later ``.copy()`` would try to allocate it.
+#: Largest logical size (shape × itemsize) a received view may claim: 256 GiB. Zero strides
+#: let a tiny segment pose as a terabyte array, and a later ``.copy()`` would try to allocate
+#: it. Why not the segment's size (Note [Logical size]): views legitimately claim more.
 MAX_VIEW_BYTES: Final = 1 << 38
+
+# Note [Logical size]
+# ~~~~~~~~~~~~~~~~~~~
+# Every *byte* a received view reaches is checked against the segment (view_on), so no view
+# reads or writes outside it. Its *logical* size (shape × itemsize) is bounded only by
+# MAX_VIEW_BYTES, not by the segment: numpy's own views of a shared array exceed it whenever
+# strides repeat memory -- ``np.broadcast_to`` (zero strides) and
+# ``sliding_window_view`` (overlapping strides) -- and aioshm sends those as handles, as torch
+# sends expanded tensors. Receiving such a view allocates nothing; only a copy (``.copy()``,
+# arithmetic) allocates its logical size, exactly as it would in the sender. A tighter bound
+# would buy no safety either: the handle arrives inside a pickle, and a peer that can make a
+# process unpickle can make it allocate anything (a pickle may call any function).
 
 ShapeLike = int | Sequence[int]
 
@@ -198,7 +211,8 @@ def view_on(
     segment itself. Rejected with :class:`~aioshm.InvalidHandle`: object or unknown dtypes,
     zero itemsize, more than 64 dimensions, negative dimensions or offsets, a stride larger
     than the segment, any byte of the view outside the segment, and logical sizes above
-    :data:`MAX_VIEW_BYTES`.
+    :data:`MAX_VIEW_BYTES` (a logical size above the segment's is legal: broadcast and
+    sliding-window views repeat memory; see Note [Logical size]).
     """
     size = buf.segment.size
     try:

@@ -12,8 +12,14 @@ Two strategies (torch's names):
   receiver's mapping fault. It has no name: the kernel frees it when the last fd and the last
   mapping are gone, whatever was killed.
 * ``file_system``: a named file in ``/dev/shm`` (``$AIOSHM_SHM_DIR`` overrides), created
-  ``O_CREAT|O_EXCL|O_NOFOLLOW`` mode 0600, named ``aioshm_<creator pid>_<64 random bits>``.
-  Attaching checks type, owner, mode and size before mapping.
+  ``O_CREAT|O_EXCL|O_NOFOLLOW`` mode 0600, named ``aioshm_<creator pid>_<session><random>``
+  (8 + 8 hex digits: see Note [Nothing named survives a clean exit]). Attaching checks type,
+  owner, mode, size and that every page is allocated (no holes) before mapping. What remains: a
+  named file cannot be sealed, so a process of the same uid that *truncates* it after we mapped
+  it makes our next access to the cut pages a SIGBUS. POSIX offers no way to forbid that (a
+  read lease breaks on every ``O_RDWR`` open, which every holder does), and a SIGBUS inside
+  numpy's copy loop cannot be turned into a Python exception. Peers that are not trusted that
+  far must use ``file_descriptor`` segments.
 
 Cross-process reference counting uses the kernel instead of a tracker process. Every process
 that holds views of a segment holds a *read lock* (an open-file-description lock,
@@ -33,9 +39,12 @@ name whose creator died with nobody holding it is an orphan that :func:`cleanup_
 removes.
 
 Recycling: copies of non-shared arrays made by the transport go into *pooled* segments. When
-the last local view of a pooled segment dies, the process keeps it mapped (lock released) in a
-bounded LRU; a later send reuses it once the write-lock attempt proves no process holds or is
-about to receive it. Receivers keep such mappings warm too, so a buffer that goes back and forth
+the last local view of a pooled segment dies, the process keeps it mapped (lock released) in an
+LRU bounded in bytes (:func:`set_pool_limit`) and in fds (:func:`idle_fd_budget`: an eighth of
+``RLIMIT_NOFILE``, since each idle segment keeps its fd); a later send reuses it once the
+write-lock attempt proves no process holds or is about to receive it. When an fd cannot be
+opened for want of room in the fd table, the idle segments are closed and the open is retried
+once before :class:`~aioshm.FdLimitError` is raised. Receivers keep such mappings warm too, so a buffer that goes back and forth
 costs neither a new segment nor a new mapping (Ray's object store does the same).
 """
 
@@ -46,6 +55,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import functools
 import mmap
 import os
 import re
@@ -55,6 +65,11 @@ import struct
 import sys
 import threading
 import weakref
+
+try:
+    import resource
+except ImportError:  # pragma: no cover - Windows
+    pass
 from collections.abc import Callable, Iterator
 from multiprocessing import util as _mp_util
 from typing import Final, Literal
@@ -71,6 +86,7 @@ __all__ = (
     "create",
     "get_all_sharing_strategies",
     "get_sharing_strategy",
+    "idle_fd_budget",
     "live_segments",
     "set_sharing_strategy",
     "shm_dir",
@@ -98,6 +114,8 @@ _segments: dict[tuple[int, int], Segment] = {}
 _idle: collections.OrderedDict[tuple[int, int], Segment] = collections.OrderedDict()
 _idle_bytes = 0
 POOL_LIMIT_DEFAULT: Final = 1 << 30
+#: The most idle recycled segments kept open, whatever the fd limit (see idle_fd_budget).
+IDLE_FDS_MAX: Final = 4096
 _pool_limit = POOL_LIMIT_DEFAULT
 # keep received segments mapped after their last local view dies (pool workers; see
 # retain_received) and the hook told when a segment this process shared is closed
@@ -193,6 +211,17 @@ def _check_new_fd(what: str, exc: OSError) -> SharedMemoryError:
     return SharedMemoryError(f"cannot {what}: {exc}")
 
 
+def _new_fd(open_fd: Callable[[], int]) -> int:
+    """``open_fd()``; when the fd table is full, close the idle recycled segments (one fd
+    each) and try once more before giving up. The caller maps the final OSError."""
+    try:
+        return open_fd()
+    except OSError as exc:
+        if exc.errno not in (errno.EMFILE, errno.ENFILE) or not _trim_idle():
+            raise
+    return open_fd()
+
+
 def _reserve(fd: int, size: int) -> None:
     """Size the segment and reserve every page now: ENOSPC here, never SIGBUS later."""
     try:
@@ -210,7 +239,7 @@ def _reserve(fd: int, size: int) -> None:
 
 
 def _random_name(pid: int | None = None) -> str:
-    return f"{PREFIX}{pid if pid is not None else os.getpid()}_{secrets.token_hex(8)}"
+    return f"{PREFIX}{pid if pid is not None else os.getpid()}_{_session}{secrets.token_hex(4)}"
 
 
 def _open_new_name(size: int) -> tuple[int, str]:
@@ -219,7 +248,8 @@ def _open_new_name(size: int) -> tuple[int, str]:
     for _ in range(100):
         name = _random_name()
         try:
-            fd = os.open(os.path.join(directory, name), flags, 0o600)
+            path = os.path.join(directory, name)
+            fd = _new_fd(functools.partial(os.open, path, flags, 0o600))
         except FileExistsError:
             continue  # squatted or a collision: never attach to what we did not create
         except OSError as exc:
@@ -237,7 +267,7 @@ def _open_new_name(size: int) -> tuple[int, str]:
 
 def _open_new_memfd(size: int) -> int:
     try:
-        fd = os.memfd_create("aioshm", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        fd = _new_fd(lambda: os.memfd_create("aioshm", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING))
     except OSError as exc:
         raise _check_new_fd("create a memfd segment", exc) from exc
     try:
@@ -353,7 +383,8 @@ class Segment:
     def ticket_fd(self) -> int:
         """A new fd (own open file description, read-locked) to send with a message."""
         try:
-            fd = os.open(f"/proc/self/fd/{self.fd}", os.O_RDWR | os.O_CLOEXEC)
+            path = f"/proc/self/fd/{self.fd}"
+            fd = _new_fd(lambda: os.open(path, os.O_RDWR | os.O_CLOEXEC))
         except OSError as exc:
             raise _check_new_fd("open a ticket for a shared segment", exc) from exc
         _ofd_lock(fd, fcntl.F_RDLCK, wait=True)
@@ -364,7 +395,7 @@ class Segment:
         assert self.name is not None
         directory = shm_dir()
         for _ in range(100):
-            ticket = f"{self.name}.t{os.getpid()}_{secrets.token_hex(8)}"
+            ticket = f"{self.name}.t{os.getpid()}_{_session}{secrets.token_hex(4)}"
             try:
                 os.link(os.path.join(directory, self.name), os.path.join(directory, ticket))
             except FileExistsError:
@@ -482,14 +513,39 @@ def _views_dropped(seg: Segment) -> None:
     seg.close()
 
 
+def idle_fd_budget() -> int:
+    """How many idle recycled segments (one fd each) this process keeps at most: an eighth of
+    its soft ``RLIMIT_NOFILE`` (read at every check: a limit lowered later counts), at most
+    :data:`IDLE_FDS_MAX`. At ``ulimit -n 64`` that is 8, so idle segments alone can never
+    fill the fd table a receiver needs for the fds that arrive with its messages."""
+    try:
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (NameError, OSError, ValueError):  # no resource module (Windows)
+        return IDLE_FDS_MAX
+    if soft == resource.RLIM_INFINITY or soft < 0:
+        return IDLE_FDS_MAX
+    return min(soft // 8, IDLE_FDS_MAX)
+
+
 def _evict(extra: int) -> None:
-    """Close idle pooled segments until ``extra`` more bytes fit under the pool limit."""
+    """Close idle pooled segments (least recently used first) until ``extra`` more bytes fit
+    under the pool limit and the idle ones fit the fd budget (:func:`idle_fd_budget`)."""
+    budget = idle_fd_budget()
     while True:
         with _lock:
-            if not _idle or _idle_bytes + extra <= _pool_limit:
+            if not _idle or (_idle_bytes + extra <= _pool_limit and len(_idle) <= budget):
                 return
             _, seg = next(iter(_idle.items()))
         seg.close()
+
+
+def _trim_idle() -> bool:
+    """Close every idle recycled segment; True if there was one (fds were freed)."""
+    with _lock:
+        idle = list(_idle.values())
+    for seg in idle:
+        seg.close()
+    return bool(idle)
 
 
 def retain_received(on: bool) -> None:
@@ -538,10 +594,7 @@ def set_close_hook(hook: Callable[[], object] | None) -> None:
 
 def trim() -> None:
     """Close every idle recycled segment this process keeps mapped."""
-    with _lock:
-        idle = list(_idle.values())
-    for seg in idle:
-        seg.close()
+    _trim_idle()
 
 
 def live_segments() -> list[Segment]:
@@ -559,8 +612,9 @@ def _after_fork_in_child() -> None:
     """A forked child shares its parent's open file descriptions, hence its locks: give every
     segment the child holds views of its own description and lock, and forget the idle ones
     (closing our copy of their fds leaves the parent's description, lock and name alone)."""
-    global _lock, _idle_bytes
+    global _lock, _idle_bytes, _session_opener
     _lock = threading.RLock()
+    _session_opener = False  # the parent's session: the parent sweeps it
     for seg in list(_segments.values()):
         if seg.has_views():
             try:
@@ -585,15 +639,111 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+# --------------------------------------------------------------------------- exit
+
+# Note [Nothing named survives a clean exit]
+# ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+# Named segments and tickets outlive their processes by design: a producer may put arrays and
+# exit before its consumer gets them. So a process cannot remove its own tickets when it exits;
+# the process that outlives the others can. The names carry a *session* (the first 8 of their
+# 16 random hex digits, also in tickets): the first process that imports aioshm with no
+# ``AIOSHM_SESSION`` in its environment opens one and puts it there, and every process it
+# starts (spawn, fork server, fork) or runs inherits it. At a clean exit:
+#
+# * every process, once multiprocessing has joined its children, closes its idle segments and
+#   unlinks the names of the segments it still maps -- a module global's array included --
+#   when it is their last holder and no ticket is in flight, leaving the mapping in place
+#   (code that runs later at exit may still touch it);
+# * the session's first process first removes the session's remaining tickets (messages
+#   nobody will receive now) and afterwards unlinks every session name no process holds (the
+#   write-lock test).
+#
+# A process that was started in the session but outlives its first process (a detached
+# subprocess) keeps what it holds; its names are unlinked when it closes them. After a crash,
+# :func:`cleanup_orphans` removes what dead processes left.
+
+SESSION_ENV: Final = "AIOSHM_SESSION"
+_SESSION_RE: Final = re.compile(r"[0-9a-f]{8}", re.ASCII)
+
+
+def _open_session() -> tuple[str, bool]:
+    """``(session, whether this process opened it)``."""
+    token = os.environ.get(SESSION_ENV, "")
+    if _SESSION_RE.fullmatch(token):
+        return token, False
+    token = secrets.token_hex(4)
+    os.environ[SESSION_ENV] = token
+    return token, True
+
+
+_session, _session_opener = _open_session()
+
+
 def _trim_at_exit() -> None:
     with contextlib.suppress(Exception):  # never let cleanup at exit mask the real exit
         trim()
 
 
-# multiprocessing runs these finalizers at exit in the main process (atexit) and in every
-# child it starts (which leave through os._exit): idle recycled segments are released, so a
-# named one whose other holders are gone gets unlinked.
-_mp_util.Finalize(None, _trim_at_exit, exitpriority=10)
+def _release_named() -> None:
+    """Unlink the names of the segments this process maps if it is their last holder and no
+    ticket is in flight; the mappings stay (code that runs later at exit may touch them)."""
+    with _lock:
+        named = [s for s in _segments.values() if s.name is not None and not s.closed]
+    for seg in named:
+        with contextlib.suppress(OSError):
+            if seg.fd >= 0 and seg.name is not None and _unlink_if_last(seg.fd, seg.name):
+                _ofd_lock(seg.fd, fcntl.F_RDLCK)  # back from the test's write lock
+
+
+def _session_of(entry: str) -> str:
+    """The session of a name or a ticket (the first 8 hex digits of its last random part)."""
+    return entry.rsplit("_", 1)[1][:8]
+
+
+def _release_at_exit() -> None:
+    """After multiprocessing joined this process's children: see the Note above."""
+    with contextlib.suppress(Exception):  # never let cleanup at exit mask the real exit
+        trim()
+        if not _session_opener:
+            _release_named()
+            return
+        directory = shm_dir()
+        names = []
+        for entry, m in _iter_names(directory):
+            if _session_of(entry) != _session:
+                continue
+            if m.group(2) is None:
+                names.append(entry)
+            else:  # a ticket: its message will not be received now
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(directory, entry))
+        _release_named()  # our own names, now that no ticket counts against them
+        for entry in names:
+            path = os.path.join(directory, entry)
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except OSError:
+                continue
+            try:
+                if os.fstat(fd).st_uid == os.geteuid():
+                    _unlink_if_last(fd, entry)
+            finally:
+                os.close(fd)
+
+
+class _ExitHooks:
+    """Registers the exit finalizers; a multiprocessing child clears the registry it inherits
+    when it starts, and re-registers them through ``register_after_fork``."""
+
+    def register(self) -> None:
+        # 10: before multiprocessing joins the children; -10: after it did
+        _mp_util.Finalize(None, _trim_at_exit, exitpriority=10)
+        _mp_util.Finalize(None, _release_at_exit, exitpriority=-10)
+
+
+_exit_hooks = _ExitHooks()
+_exit_hooks.register()
+_mp_util.register_after_fork(_exit_hooks, _ExitHooks.register)
 
 
 # --------------------------------------------------------------------------- public constructors
@@ -655,6 +805,23 @@ def _claim_pooled(size: int, strategy: str) -> Segment | None:
             seg.close()
 
 
+_RESERVES: Final = hasattr(os, "posix_fallocate")
+
+
+def _check_allocated(st: os.stat_result, what: str) -> None:
+    """Refuse a segment whose pages are not all allocated (a sparse file).
+
+    aioshm reserves every page of a segment it creates (:func:`_reserve`), so a hole means
+    another program made the file; touching the hole when the filesystem is full would kill
+    this process with SIGBUS instead of raising. Only where segments are reserved (Linux):
+    elsewhere every segment is sparse.
+    """
+    if _RESERVES and st.st_blocks * 512 < st.st_size:
+        raise InvalidHandle(
+            f"{what} is sparse: {st.st_blocks * 512} of its {st.st_size} bytes are allocated"
+        )
+
+
 def attach_fd(fd: int, *, pooled: bool = False) -> SegmentBuffer:
     """Adopt a received fd (ownership passes to this call) and return its mapped segment.
 
@@ -681,6 +848,7 @@ def attach_fd(fd: int, *, pooled: bool = False) -> SegmentBuffer:
             raise InvalidHandle(f"received segment fd {fd} is not open for reading and writing")
         if st.st_size <= 0:
             raise InvalidHandle(f"received segment fd {fd} is empty")
+        _check_allocated(st, f"received segment fd {fd}")
         key = (st.st_dev, st.st_ino)
         with _lock:
             seg = _segments.get(key)
@@ -714,10 +882,9 @@ def attach_name(name: str, ticket: str | None = None, *, pooled: bool = False) -
         if not ticket.startswith(name + ".t"):
             raise InvalidHandle(f"ticket {ticket!r} does not belong to segment {name!r}")
     directory = shm_dir()
+    path = os.path.join(directory, ticket or name)
     try:
-        fd = os.open(
-            os.path.join(directory, ticket or name), os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
-        )
+        fd = _new_fd(lambda: os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC))
     except FileNotFoundError as exc:
         raise InvalidHandle(f"shared-memory segment {name!r} no longer exists") from exc
     except OSError as exc:
@@ -734,6 +901,7 @@ def attach_name(name: str, ticket: str | None = None, *, pooled: bool = False) -
             raise InvalidHandle(f"segment {name!r} is accessible to others (mode {st.st_mode:o})")
         if st.st_size <= 0:
             raise InvalidHandle(f"segment {name!r} is empty")
+        _check_allocated(st, f"segment {name!r}")
         key = (st.st_dev, st.st_ino)
         with _lock:
             seg = _segments.get(key)

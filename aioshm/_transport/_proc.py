@@ -98,21 +98,20 @@ async def _receive_report(proc: Any, *, exited: bool) -> None:
             while True:
                 got = conn._next_frame()
                 if got is not None:
-                    try:
-                        proc._take_report(_reduction.loads(*got))
-                    except Exception as exc:
-                        proc._take_report(("lost", exc))
+                    proc._take_report(_reduction.loads(*got))
                     return
                 conn._read_some(socket.MSG_DONTWAIT)
         except (BlockingIOError, EOFError, OSError):
             proc._take_report(None)
+        except Exception as exc:  # a torn frame (ProtocolError), a report that cannot load
+            proc._take_lost(exc)
         return
     try:
         report = await conn.recv_async()
     except (EOFError, OSError):
         proc._take_report(None)
     except Exception as exc:
-        proc._take_report(("lost", exc))
+        proc._take_lost(exc)
     else:
         proc._take_report(report)
 

@@ -15,12 +15,18 @@ from ._framing import (
     encode_frame,
     encode_header,
 )
+from ._report import Raised, Report, Returned, decode_report, encode_report
 
 __all__ = (
     "DEFAULT_MAX_FRAME_SIZE",
     "NEED_DATA",
     "FrameDecoder",
     "NeedData",
+    "Raised",
+    "Report",
+    "Returned",
+    "decode_report",
     "encode_frame",
     "encode_header",
+    "encode_report",
 )
