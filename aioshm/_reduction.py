@@ -18,10 +18,26 @@ How ``ref`` reaches the other process (see Note [Segment lifetime] in ``_shm/_se
 * through aioshm's own connections and queues, a segment fd rides in the same ``sendmsg`` as
   the frame (SCM_RIGHTS); the pickle stores only its index in the message (:func:`dumps` and
   :func:`loads` set up that context);
-* anywhere else (a stdlib connection, a process being started), it falls back to
-  ``multiprocessing.reduction.DupFd``: inherited while spawning, else the stdlib's
-  ``resource_sharer``;
-* ``file_system`` segments travel as a name plus an in-flight ticket (a hard link).
+* to a process being started (spawn or fork-server arguments), the fd is inherited at launch
+  (``multiprocessing.reduction.DupFd`` with the spawning popen);
+* ``file_system`` segments travel as a name plus an in-flight ticket (a hard link), on any
+  channel.
+
+Note [Foreign channels]
+~~~~~~~~~~~~~~~~~~~~~~~
+A channel aioshm does not own (a stdlib ``Queue``, ``Pipe`` or ``Pool``, a
+``ProcessPoolExecutor``) pickles with ``ForkingPickler`` outside :func:`dumps`, so it cannot
+carry an fd beside the frame. The stdlib's own fallback, ``DupFd`` through the
+``resource_sharer``, makes the receiver connect back to the *sender* for the fd: a producer that
+exits before its item is received leaves the consumer a ``ConnectionRefusedError``. So on such a
+channel an array of an anonymous (``file_descriptor``) segment, or a non-shared array, is pickled
+by value, exactly as numpy pickles it without aioshm: the message is self-contained, outlives its
+sender, and nothing can leak however it is lost. (A copy into a named segment with a ticket
+would save the pipe's copies, but a message that is never received -- a queue dropped with items
+in it, futures cancelled, a consumer killed -- would leave a name in ``/dev/shm`` with no process
+to remove it.) Arrays on ``file_system`` segments keep their name and ticket, which outlive the
+sender too, and stay shared. aioshm's own channels (``aioshm.multiprocessing``'s ``Queue``,
+``Pipe`` and ``Pool``, and the async face) are unaffected: they pass the fd itself.
 
 Several views of one buffer in one message share one fd, and arrive as views of one mapping.
 """
@@ -255,6 +271,13 @@ def reduce_ndarray(a: np.ndarray) -> tuple[Any, ...]:
     """The ForkingPickler reducer for :class:`numpy.ndarray` (see the module docstring)."""
     buf = segment_buffer_of(a)
     target = a
+    if _local.state.out is None and _mp_context.get_spawning_popen() is None:
+        # a foreign channel (Note [Foreign channels]): only names outlive the sender there
+        if buf is None:
+            if _segment.get_sharing_strategy() != "file_system":
+                return a.__reduce__()  # type: ignore[return-value]
+        elif buf.segment.name is None:
+            return a.__reduce__()  # type: ignore[return-value]
     if buf is None:
         if a.dtype.hasobject or a.nbytes < _threshold or a.nbytes == 0:
             return a.__reduce__()  # type: ignore[return-value]
