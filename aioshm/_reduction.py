@@ -330,6 +330,12 @@ CLOUDPICKLE_HINT: Final = "pip install 'aioshm[cloudpickle]'"
 _MISSING: Final = object()
 
 
+class FunctionNotPicklable(pickle.PicklingError, AttributeError):
+    """A function pickle cannot carry by name, and cloudpickle is not installed. Both of the
+    types pickle itself raises for it (``PicklingError`` for a lambda, ``AttributeError`` for a
+    local function), so code that catches either keeps working."""
+
+
 def _by_reference(fn: types.FunctionType) -> bool:
     """Whether a child can find ``fn`` by module and qualified name: pickle's own test, and for
     ``__main__``, that the function comes from the main file a child re-imports."""
@@ -359,7 +365,7 @@ def _reduce_function(obj: Any) -> Any:
     if pickler is None:
         if obj.__module__ == "__main__" and "<" not in obj.__qualname__:
             return NotImplemented  # interactive: a forked child resolves it by reference
-        raise pickle.PicklingError(
+        raise FunctionNotPicklable(
             f"cannot pickle {obj!r}: {obj.__module__}.{obj.__qualname__} cannot be imported by "
             f"name; to send lambdas, closures and interactive functions by value, install "
             f"cloudpickle: {CLOUDPICKLE_HINT}"

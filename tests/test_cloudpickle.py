@@ -107,7 +107,7 @@ def test_without_cloudpickle_the_error_names_the_extra(
     monkeypatch.setattr(_reduction, "_cloud_pickler_cls", False)
     with pytest.raises(pickle.PicklingError, match=r"aioshm\[cloudpickle\]"):
         _reduction.dumps(fn)
-    with pytest.raises(pickle.PicklingError, match=r"aioshm\[cloudpickle\]"):
+    with pytest.raises(AttributeError, match=r"aioshm\[cloudpickle\]"):  # as pickle's own
         ForkingPickler.dumps(fn)
 
 
@@ -160,12 +160,13 @@ p = amp.get_context("spawn").Process(target=lambda: None)
 try:
     p.start()
 except Exception as exc:
-    print(type(exc).__name__, exc)
+    import pickle
+    print(isinstance(exc, pickle.PicklingError), exc)
 """
 
 
 def test_without_cloudpickle_in_a_fresh_process() -> None:
     result = run_python(NO_CLOUDPICKLE)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("PicklingError")
+    assert result.stdout.startswith("True ")
     assert HINT in result.stdout
