@@ -12,6 +12,7 @@ server), ``spawn`` elsewhere; ``fork`` only on request.
 from __future__ import annotations
 
 import multiprocessing as _stdlib_mp
+from types import ModuleType as _ModuleType
 from typing import Any
 
 from . import _procutil, _reduction
@@ -53,6 +54,7 @@ from ._shm import (
     zeros_like,
 )
 from ._shm import trim as trim_pool
+from ._version import __version__ as __version__
 
 __all__ = (
     "DEFAULT_START_METHOD",
@@ -158,6 +160,18 @@ def __getattr__(name: str) -> Any:
         globals()[name] = value
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """``dir(aioshm)``: the public API (lazily loaded names included) and the public
+    submodules, not the helpers this module imports."""
+    names = set(__all__) | {name for name in globals() if name.startswith("__")}
+    names.update(
+        name
+        for name, value in globals().items()
+        if isinstance(value, _ModuleType) and not name.startswith("_")
+    )
+    return sorted(names)
 
 
 def get_context(method: str | None = None) -> Any:

@@ -1745,10 +1745,9 @@ _default_limiter: anyio.lowlevel.RunVar[anyio.CapacityLimiter] = anyio.lowlevel.
 
 def _kill_at_loop_end(pool: Pool) -> None:
     """Stop ``pool``'s workers when the event loop ends (anyio.to_process does the same)."""
-    import sniffio
+    from ._transport._waits import current_async_library
 
-    lib = sniffio.current_async_library()
-    if lib == "trio":
+    if current_async_library() == "trio":
         import trio
 
         async def guard_trio() -> None:

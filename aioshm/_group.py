@@ -31,7 +31,7 @@ from . import _spawn
 from ._context import DEFAULT_START_METHOD
 from ._process import DEFAULT_GRACE_PERIOD
 from ._transport._proc import wait_reapable
-from ._transport._waits import MultiWait
+from ._transport._waits import MultiWait, current_async_library
 
 __all__ = ("DEFAULT_START_METHOD", "AsyncProcessContext", "spawn", "start_processes")
 
@@ -176,11 +176,7 @@ class AsyncProcessContext(_spawn.ProcessContext):
 def _warn_fork_in_loop(start_method: str) -> None:
     if start_method != "fork":
         return
-    try:
-        import sniffio
-
-        sniffio.current_async_library()
-    except Exception:
+    if current_async_library() is None:
         return
     warnings.warn(
         "aioshm: starting processes with 'fork' while an event loop is running is unsafe "

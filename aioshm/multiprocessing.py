@@ -10,11 +10,19 @@ aioshm's reducers active so ndarrays in shared memory travel as handles, plus to
 context from ``get_context``) build aioshm's own objects: the stdlib blocking API and
 semantics, carrying shared-memory fds in-band, with no feeder or resource-sharer thread.
 Start-method state is shared with the stdlib module. This module never imports anyio.
+
+The stdlib package's submodules are attributes here too (``mp.reduction.ForkingPickler``,
+``mp.connection.wait``, ``mp.shared_memory.SharedMemory``…), imported on first use: they are
+the stdlib's own modules, with aioshm's reducers registered in ``mp.reduction``. The one
+exception is ``spawn``, which is torch's ``spawn`` function here, as in ``torch.multiprocessing``.
 """
 
 from __future__ import annotations
 
+import importlib as _importlib
 import multiprocessing as _stdlib_mp
+import pkgutil as _pkgutil
+import sys as _sys
 from multiprocessing import *
 from typing import Any
 
@@ -33,13 +41,31 @@ register_after_fork = _procutil.register_after_fork
 globals().update((_name, getattr(_default_context, _name)) for _name in _stdlib_mp.__all__)
 
 
+#: The stdlib package's submodules, attributes of this module as of ``multiprocessing``.
+_SUBMODULES = frozenset(m.name for m in _pkgutil.iter_modules(_stdlib_mp.__path__)) - {
+    "spawn",  # torch's function
+    *(["popen_spawn_win32"] if _sys.platform != "win32" else []),  # imports msvcrt
+}
+
+
 def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        try:
+            module = _importlib.import_module(f"multiprocessing.{name}")
+        except ImportError as exc:  # another platform's module (popen_spawn_win32)
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from exc
+        globals()[name] = module
+        return module
     if name == "SpawnContext":  # torch's deprecated alias
         import warnings
 
         warnings.warn("SpawnContext is renamed to ProcessContext", DeprecationWarning, stacklevel=2)
         return ProcessContext
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted((set(globals()) - {"Any", "annotations"}) | _SUBMODULES)
 
 
 __all__ = [

@@ -1,5 +1,6 @@
 #!/bin/sh
-# The whole test suite: ruff (lint + format), mypy, then pytest. Arguments go to pytest.
+# The whole test suite: ruff (lint + format), mypy, the docs build, then pytest. Arguments go
+# to pytest.
 # Every stage runs even if an earlier one failed; the exit status is non-zero if any failed.
 set -eu
 cd "$(dirname "$0")/.."
@@ -32,6 +33,12 @@ done
 run "ruff-check" .venv/bin/ruff check $lint_dirs
 run "ruff-format" .venv/bin/ruff format --check aioshm
 run "mypy" .venv/bin/mypy
+
+# The documentation site and its API reference, built with warnings as errors into a
+# temporary directory (scripts/docs.sh installs the docs extra).
+docs_out=$(mktemp -d)
+run "docs" sh scripts/docs.sh "$docs_out"
+rm -rf "$docs_out"
 
 stage "pytest $*"
 status=0
@@ -67,6 +74,11 @@ else
         failed="$failed ray"
     fi
 fi
+
+# The clean install: the wheel, with only its declared dependencies, in a fresh venv, runs the
+# README's examples and the CLI (scripts/smoke.sh; .venv has the test extra, which hides a
+# dependency the package uses but does not declare).
+run "smoke" sh scripts/smoke.sh
 
 if [ -n "$failed" ]; then
     printf '\ntest.sh: FAILED stages:%s\n' "$failed" >&2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -141,3 +142,157 @@ def test_leak_check_reports_leaks(
     assert "not_ours" not in result.stdout.str()
     failed_child = int((pytester.path / "failed_child.pid").read_text())
     assert not psutil.pid_exists(failed_child), "the failing test's child was not killed"
+
+
+# --------------------------------------------------------------------------- packaging
+
+
+def test_version_is_the_installed_distributions() -> None:
+    """``aioshm.__version__`` is the version the package metadata carries (one source)."""
+    import importlib.metadata
+
+    assert aioshm.__version__ == importlib.metadata.version("aioshm")
+    assert re.fullmatch(r"\d+\.\d+\.\d+([a-z]+\d+)?(\.dev\d+)?", aioshm.__version__)
+
+
+def test_distribution_metadata() -> None:
+    """The installed metadata carries the licence (MIT, with its file), the classifiers of what
+    is supported and tested, the project URLs and the ``aioshm`` command."""
+    import importlib.metadata
+
+    meta = importlib.metadata.metadata("aioshm")
+    assert meta["License-Expression"] == "MIT"
+    assert meta.get_all("License-File") == ["LICENSE"]
+    classifiers = set(meta.get_all("Classifier") or ())
+    for required in (
+        "Typing :: Typed",
+        "Framework :: AnyIO",
+        "Operating System :: POSIX :: Linux",
+        "Programming Language :: Python :: 3.11",
+        "Programming Language :: Python :: 3.14",
+    ):
+        assert required in classifiers, required
+    urls = dict(u.split(", ", 1) for u in meta.get_all("Project-URL") or ())
+    assert urls["Source"].startswith("https://") and "Issues" in urls
+    assert "matplotlib>=3.8; extra == 'plot'" in (meta.get_all("Requires-Dist") or ())
+    root = Path(__file__).resolve().parent.parent
+    assert (root / "LICENSE").read_text().startswith("MIT License")
+
+
+def test_dir_is_the_public_api() -> None:
+    """``dir(aioshm)`` lists ``__all__`` (lazy names included), ``__version__`` and the public
+    submodules, and none of the helpers the module imports (``Any``, ``annotations``…)."""
+    names = dir(aioshm)
+    assert set(aioshm.__all__) <= set(names)
+    assert "__version__" in names and "multiprocessing" in names  # imported by this module
+    for helper in ("Any", "annotations", "TYPE_CHECKING"):
+        assert helper not in names
+    private = [n for n in names if n.startswith("_") and not n.startswith("__")]
+    assert not private, private
+    assert "Any" not in dir(aioshm_mp) and "annotations" not in dir(aioshm_mp)
+
+
+# --------------------------------------------------------------------------- the drop-in's submodules
+
+
+def _stdlib_submodules() -> set[str]:
+    """The stdlib package's submodules that import on this platform."""
+    import importlib
+    import pkgutil
+
+    names = set()
+    for info in pkgutil.iter_modules(multiprocessing.__path__):
+        try:
+            importlib.import_module(f"multiprocessing.{info.name}")
+        except ImportError:  # another platform's (popen_spawn_win32)
+            continue
+        names.add(info.name)
+    return names
+
+
+def test_multiprocessing_submodules_are_attributes() -> None:
+    """Every submodule of the stdlib package is an attribute of the drop-in, and is the
+    stdlib's own module (``mp.reduction.ForkingPickler`` is the pickler aioshm registers its
+    reducers with), except ``spawn``, which is torch's function there, as in torch."""
+    import importlib
+
+    stdlib = _stdlib_submodules()
+    assert {"reduction", "context", "process", "util", "connection", "queues", "pool"} <= stdlib
+    assert {"managers", "shared_memory", "synchronize", "sharedctypes", "heap"} <= stdlib
+    for name in stdlib - {"spawn"}:
+        assert getattr(aioshm_mp, name) is importlib.import_module(f"multiprocessing.{name}"), name
+        assert name in dir(aioshm_mp)
+    from multiprocessing.reduction import ForkingPickler
+
+    assert aioshm_mp.reduction.ForkingPickler is ForkingPickler
+    assert callable(aioshm_mp.spawn) and aioshm_mp.spawn.__module__ == "aioshm._spawn"
+    assert aioshm_mp.reducer is multiprocessing.reducer  # the stdlib's other module attribute
+    with pytest.raises(AttributeError, match="no attribute 'nonexistent'"):
+        aioshm_mp.nonexistent  # noqa: B018
+
+
+def test_multiprocessing_submodules_in_a_fresh_interpreter() -> None:
+    """Right after ``import aioshm.multiprocessing as mp`` (nothing else imported), the
+    submodules are there, and reaching them still imports no anyio."""
+    code = (
+        "import sys, aioshm.multiprocessing as mp\n"
+        "assert mp.reduction.ForkingPickler.__name__ == 'ForkingPickler'\n"
+        "assert mp.shared_memory.SharedMemory and mp.managers.BaseManager and mp.pool.Pool\n"
+        "assert mp.connection.wait and mp.queues.Queue and mp.util.Finalize\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('anyio', 'sniffio')))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+# --------------------------------------------------------------------------- without sniffio
+
+_WITHOUT_SNIFFIO = """
+import sys
+sys.modules["sniffio"] = None  # as on a clean install: anyio >= 4.16 does not bring it
+import warnings
+
+import anyio
+import numpy as np
+
+import aioshm
+
+
+def rank(r):
+    return r
+
+
+async def main():
+    a = aioshm.share(np.arange(1 << 16, dtype=np.float64))
+    print(await aioshm.run_sync(np.sum, a) == a.sum())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        print(await aioshm.spawn(rank, nprocs=1, start_method="fork"))
+    print([str(w.message).split(":")[0] for w in caught if w.category is RuntimeWarning])
+
+
+if __name__ == "__main__":
+    anyio.run(main)
+    print("sniffio" in sys.modules and sys.modules["sniffio"] is not None)
+"""
+
+
+def test_asyncio_without_sniffio(tmp_path: Path) -> None:
+    """Without sniffio (anyio no longer installs it; only trio brings it), ``run_sync`` works on
+    asyncio, and ``spawn(start_method="fork")`` under the running loop warns: both looked the
+    library up through a bare ``import sniffio`` before (ModuleNotFoundError; no warning)."""
+    script = tmp_path / "no_sniffio.py"
+    script.write_text(_WITHOUT_SNIFFIO)
+    result = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["True", "[0]", "['aioshm']", "False"], result.stdout

@@ -781,14 +781,15 @@ def _iter_names(directory: str) -> Iterator[tuple[str, re.Match[str]]]:
             yield entry, m
 
 
-def cleanup_orphans() -> list[str]:
+def cleanup_orphans(*, dry_run: bool = False) -> list[str]:
     """Remove named segments (and in-flight tickets) left behind by dead processes.
 
     A name is an orphan when the process that created it (or, for a ticket, the process that
     sent it) is dead and no living process holds the segment. Returns the names removed.
     Segments held by a live process are never touched. A message still queued from a sender
     that died holds only a ticket, so call this when such messages no longer matter (at
-    start-up, or after the queues of the dead processes are gone).
+    start-up, or after the queues of the dead processes are gone). With ``dry_run``, remove
+    nothing and return the names that would go.
     """
     directory = shm_dir()
     removed: list[str] = []
@@ -807,7 +808,8 @@ def cleanup_orphans() -> list[str]:
                 continue
             if not _ofd_lock(fd, fcntl.F_WRLCK):
                 continue  # somebody alive holds it
-            os.unlink(path)
+            if not dry_run:
+                os.unlink(path)
             removed.append(entry)
         finally:
             os.close(fd)

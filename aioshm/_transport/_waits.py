@@ -17,7 +17,7 @@ import anyio.lowlevel
 sniffio: Any
 try:
     import sniffio
-except ImportError:  # pragma: no cover - anyio runs without it (asyncio only); trio needs it
+except ImportError:  # anyio no longer installs it; trio brings it
     sniffio = None
 
 __all__ = (
@@ -25,6 +25,7 @@ __all__ = (
     "LoopWatch",
     "MultiWait",
     "asyncio_loop",
+    "current_async_library",
     "locks_of",
     "loop_watch_supported",
     "running_asyncio_loop",
@@ -379,15 +380,24 @@ def loop_watch_supported() -> bool:
 running_asyncio_loop: Callable[[], Any] = asyncio._get_running_loop
 
 
+def current_async_library() -> str | None:
+    """``"asyncio"``, ``"trio"`` or None: the async library of the current task, decided as anyio
+    decides it. sniffio is optional (anyio no longer installs it; trio brings it): when it is
+    missing there is no trio, so a running asyncio loop means asyncio."""
+    if sniffio is None:
+        return "asyncio" if running_asyncio_loop() is not None else None
+    try:
+        library: str = sniffio.current_async_library()
+    except sniffio.AsyncLibraryNotFoundError:
+        return None
+    return library
+
+
 def asyncio_loop() -> Any:
     """The running asyncio loop if the current task is an asyncio one (not trio, even in guest
-    mode on an asyncio host), else None. Without sniffio there is no trio, so asyncio it is."""
-    if sniffio is not None:
-        try:
-            if sniffio.current_async_library() != "asyncio":
-                return None
-        except sniffio.AsyncLibraryNotFoundError:
-            return None
+    mode on an asyncio host), else None."""
+    if current_async_library() != "asyncio":
+        return None
     return asyncio.get_running_loop()
 
 
