@@ -12,10 +12,14 @@ change::
         def spawn(fn, args, nprocs, *, daemon, start_method) -> awaitable context
         def Pool(processes, initializer, initargs, maxtasksperchild) -> pool
         async def run_sync(fn, *args, cancellable, limiter) -> Any
-        def Queue(maxsize) -> queue with put/get and put_async/get_async
+        def Queue(maxsize) -> queue: put/get, put_async/get_async, shutdown, async for
+        def JoinableQueue(maxsize) -> the same plus task_done, join, join_async  (optional)
         async def put_array(a) -> handle;  async def get_array(handle) -> ndarray
 
-Every public call takes ``backend=None`` (the local backend) or a backend object.
+Every public call takes ``backend=None`` (the local backend) or a backend object, resolved once
+by :func:`resolve`: ``None`` for the local backend, else the backend itself. A backend that
+lacks what was asked for (say, a ``JoinableQueue``) raises ``NotImplementedError`` naming it,
+never hands out something else.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, Self, runtime_checkable
 
-__all__ = ("Backend", "LocalBackend", "local_backend")
+__all__ = ("Backend", "LocalBackend", "engine_queue", "local_backend", "resolve")
 
 
 @runtime_checkable
@@ -63,6 +67,32 @@ class Backend(Protocol):
     async def put_array(self, a: Any) -> Any: ...
 
     async def get_array(self, handle: Any) -> Any: ...
+
+
+def resolve(backend: object) -> Backend | None:
+    """``None`` for the local backend (``None`` or a :class:`LocalBackend`), else ``backend``,
+    checked once to be a :class:`Backend`."""
+    if backend is None or isinstance(backend, LocalBackend):
+        return None
+    if not isinstance(backend, Backend):
+        raise TypeError(
+            f"backend must be None, aioshm.local_backend or a backend such as "
+            f"aioshm.RayBackend(...), got {backend!r}"
+        )
+    return backend
+
+
+def engine_queue(backend: object, maxsize: int, *, joinable: bool) -> Any:
+    """The queue ``aioshm.Queue(maxsize, backend=backend)`` (or ``JoinableQueue``) stands for
+    on another engine, or ``None`` when ``backend`` is the local one."""
+    engine = resolve(backend)
+    if engine is None:
+        return None
+    kind = "JoinableQueue" if joinable else "Queue"
+    factory = getattr(engine, kind, None)
+    if factory is None:
+        raise NotImplementedError(f"the {engine.name!r} backend has no {kind}")
+    return factory(maxsize)
 
 
 class LocalBackend:
@@ -117,6 +147,11 @@ class LocalBackend:
         from ._queues import Queue
 
         return Queue(maxsize)
+
+    def JoinableQueue(self, maxsize: int = 0) -> Any:
+        from ._queues import JoinableQueue
+
+        return JoinableQueue(maxsize)
 
     async def put_array(self, a: Any) -> Any:
         """A shared copy of ``a`` (the handle is the array itself, writable everywhere)."""

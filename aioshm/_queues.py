@@ -34,7 +34,7 @@ from collections.abc import Callable
 from multiprocessing import context as _mp_context
 from typing import Any, Final
 
-from . import _reduction
+from . import _backend, _reduction
 from ._connection import anon_fd, record_pair
 from ._connection import poll_until as _poll_until
 from ._connection import wait_any as _wait_any
@@ -206,9 +206,13 @@ class Queue:
     ``backend`` (keyword) makes another engine's queue with the same face (e.g. on Ray).
     """
 
-    def __new__(cls, *args: Any, backend: Any = None, **kwargs: Any) -> Any:
-        if backend is not None and getattr(backend, "name", "local") != "local":
-            return backend.Queue(*args)
+    def __new__(cls, maxsize: int = 0, *, ctx: Any = None, backend: Any = None) -> Any:
+        if backend is not None:  # another engine's queue (it has maxsize, not ctx)
+            remote = _backend.engine_queue(
+                backend, maxsize, joinable=issubclass(cls, JoinableQueue)
+            )
+            if remote is not None:
+                return remote
         return super().__new__(cls)
 
     def __init__(self, maxsize: int = 0, *, ctx: Any = None, backend: Any = None) -> None:

@@ -89,6 +89,7 @@ import contextlib
 import importlib
 import math
 import os
+import queue as _queue
 import re
 import select
 import shutil
@@ -99,7 +100,7 @@ import time
 import types
 import uuid
 import weakref
-from collections.abc import Callable, Generator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
@@ -113,6 +114,7 @@ from ._exceptions import (
     PoolClosed,
     ProcessExitedException,
     ProcessRaisedException,
+    QueueShutDown,
     RemoteTraceback,
     TaskCancelled,
 )
@@ -120,12 +122,12 @@ from ._exceptions import (
 # Ray ships inline types (py.typed) that mypy would analyse in full; it is used untyped here.
 ray: Any = importlib.import_module("ray")
 _rex: Any = importlib.import_module("ray.exceptions")
-_ray_queue: Any = importlib.import_module("ray.util.queue")
 
 __all__ = (
     "RayArrayHandle",
     "RayAsyncResult",
     "RayBackend",
+    "RayJoinableQueue",
     "RayPool",
     "RayQueue",
     "RaySpawnContext",
@@ -704,9 +706,14 @@ class RayBackend:
         return _outcome(fut)
 
     def Queue(self, maxsize: int = 0) -> RayQueue:
-        """A queue actor (``ray.util.queue.Queue``) with the face of :class:`aioshm.Queue`."""
+        """A queue actor with the face of :class:`aioshm.Queue`."""
         self._check()
         return RayQueue(maxsize)
+
+    def JoinableQueue(self, maxsize: int = 0) -> RayJoinableQueue:
+        """A queue actor with the face of :class:`aioshm.JoinableQueue`."""
+        self._check()
+        return RayJoinableQueue(maxsize)
 
     async def put_array(self, a: Any) -> RayArrayHandle:
         """Put ``a`` into the object store once; pass the handle to tasks instead of ``a``."""
@@ -1074,35 +1081,136 @@ class RayPool(PoolAPI):
 # --------------------------------------------------------------------------- queue
 
 
+class _QueueActor:
+    """The Ray actor behind :class:`RayQueue`: an ``asyncio.Queue`` (``maxsize``, ``task_done``,
+    ``join``) plus aioshm's shutdown: puts then raise :class:`QueueShutDown`, gets drain what
+    is left first, and every waiting put or get wakes and raises it."""
+
+    def __init__(self, maxsize: int) -> None:
+        import asyncio
+
+        self.queue: Any = asyncio.Queue(maxsize)
+        self.shut = False
+        self.wake: Any = None  # an asyncio.Event, made in the actor's loop on first wait
+
+    async def _race(self, op: Any, timeout: float | None, timed_out: type[Exception]) -> Any:
+        import asyncio
+
+        if self.wake is None:
+            self.wake = asyncio.Event()
+        task = asyncio.ensure_future(op)
+        stop = asyncio.ensure_future(self.wake.wait())
+        try:
+            done, _ = await asyncio.wait(
+                {task, stop}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            stop.cancel()
+        if task in done:
+            return task.result()
+        task.cancel()  # an asyncio.Queue put/get cancelled before it completed loses nothing
+        if stop in done:
+            raise QueueShutDown("the Ray queue is shut down")
+        raise timed_out
+
+    async def put(self, item: Any, timeout: float | None) -> None:
+        if self.shut:
+            raise QueueShutDown("the Ray queue is shut down")
+        await self._race(self.queue.put(item), timeout, _queue.Full)
+
+    async def get(self, timeout: float | None) -> Any:
+        if self.shut:
+            return self.get_nowait()
+        return await self._race(self.queue.get(), timeout, _queue.Empty)
+
+    def put_nowait(self, item: Any) -> None:
+        import asyncio
+
+        if self.shut:
+            raise QueueShutDown("the Ray queue is shut down")
+        try:
+            self.queue.put_nowait(item)
+        except asyncio.QueueFull:
+            raise _queue.Full from None
+
+    def get_nowait(self) -> Any:
+        import asyncio
+
+        try:
+            return self.queue.get_nowait()
+        except asyncio.QueueEmpty:
+            if self.shut:
+                raise QueueShutDown("the Ray queue is shut down and empty") from None
+            raise _queue.Empty from None
+
+    def qsize(self) -> int:
+        return int(self.queue.qsize())
+
+    def full(self) -> bool:
+        return bool(self.queue.full())
+
+    def task_done(self) -> None:
+        try:
+            self.queue.task_done()
+        except ValueError:
+            raise ValueError("task_done() called too many times") from None
+
+    async def join(self) -> None:
+        await self.queue.join()
+
+    def shutdown(self) -> None:
+        import asyncio
+
+        self.shut = True
+        if self.wake is None:
+            self.wake = asyncio.Event()
+        self.wake.set()
+
+
 class RayQueue:
-    """``aioshm.Queue``'s face on a ``ray.util.queue.Queue`` actor.
+    """``aioshm.Queue``'s face on a Ray actor: ``maxsize``, the blocking and awaitable methods,
+    ``shutdown()`` and ``async for``.
 
     Picklable: pass it to Ray tasks (ranks, pool tasks), which use the blocking methods.
-    ``queue.Full``/``queue.Empty`` (Ray's subclasses) as in the stdlib.
+    ``queue.Full``/``queue.Empty`` as in the stdlib; :class:`aioshm.QueueShutDown` once shut down.
     """
 
     def __init__(self, maxsize: int = 0) -> None:
+        if isinstance(maxsize, bool) or not isinstance(maxsize, int):
+            raise TypeError(f"maxsize must be an int, got {maxsize!r}")
         self._maxsize = max(0, maxsize)
-        self._queue: Any = _ray_queue.Queue(self._maxsize)
+        self._actor: Any = (
+            ray.remote(_QueueActor).options(max_concurrency=1000).remote(self._maxsize)
+        )
 
     def __repr__(self) -> str:
-        return f"<RayQueue maxsize={self._maxsize}>"
+        return f"<{type(self).__name__} maxsize={self._maxsize}>"
+
+    @staticmethod
+    def _check_timeout(timeout: float | None) -> None:
+        if timeout is not None and timeout < 0:
+            raise ValueError("'timeout' must be a non-negative number")
+
+    @staticmethod
+    def _get(ref: Any) -> Any:
+        try:
+            return ray.get(ref)
+        except _rex.RayError as exc:
+            error = translate(exc)
+        raise error
 
     # -- blocking -------------------------------------------------------------------------------
     def put(self, obj: Any, block: bool = True, timeout: float | None = None) -> None:
-        try:
-            self._queue.put(obj, block, timeout)
-            return
-        except _rex.RayError as exc:
-            error = self._translate(exc)
-        raise error
+        """Put ``obj``, waiting up to ``timeout`` for room (``queue.Full`` after it)."""
+        self._check_timeout(timeout)
+        actor = self._actor
+        self._get(actor.put.remote(obj, timeout) if block else actor.put_nowait.remote(obj))
 
     def get(self, block: bool = True, timeout: float | None = None) -> Any:
-        try:
-            return self._queue.get(block, timeout)
-        except _rex.RayError as exc:
-            error = self._translate(exc)
-        raise error
+        """Take an item, waiting up to ``timeout`` (``queue.Empty`` after it)."""
+        self._check_timeout(timeout)
+        actor = self._actor
+        return self._get(actor.get.remote(timeout) if block else actor.get_nowait.remote())
 
     def put_nowait(self, obj: Any) -> None:
         self.put(obj, False)
@@ -1111,52 +1219,72 @@ class RayQueue:
         return self.get(False)
 
     def qsize(self) -> int:
-        return int(self._queue.qsize())
+        return int(self._get(self._actor.qsize.remote()))
 
     def empty(self) -> bool:
-        return bool(self._queue.empty())
+        return self.qsize() == 0
 
     def full(self) -> bool:
-        return bool(self._queue.full())
+        return bool(self._get(self._actor.full.remote()))
+
+    def shutdown(self) -> None:
+        """Shut the queue down everywhere: later puts raise :class:`aioshm.QueueShutDown`; gets
+        drain what is left, then raise it. Every waiting put or get wakes up."""
+        self._get(self._actor.shutdown.remote())
 
     def close(self) -> None:
         """Kill the queue actor (items still in it are lost)."""
-        if self._queue.actor is not None:
-            self._queue.shutdown(force=True)
+        if self._actor is not None:
+            ray.kill(self._actor)
+            self._actor = None
+
+    def join_thread(self) -> None:
+        """Stdlib compatibility: there is no feeder thread."""
+
+    def cancel_join_thread(self) -> None:
+        """Stdlib compatibility: nothing to cancel."""
 
     # -- async ----------------------------------------------------------------------------------
     async def put_async(self, obj: Any, block: bool = True, timeout: float | None = None) -> None:
-        if timeout is not None and timeout < 0:
-            raise ValueError("'timeout' must be a non-negative number")
-        actor = self._queue.actor
-        ref = actor.put.remote(obj, timeout) if block else actor.put_nowait.remote(obj)
-        await self._await(ref)
+        """Awaitable :meth:`put`."""
+        self._check_timeout(timeout)
+        actor = self._actor
+        await self._await(actor.put.remote(obj, timeout) if block else actor.put_nowait.remote(obj))
 
     async def get_async(self, block: bool = True, timeout: float | None = None) -> Any:
-        if timeout is not None and timeout < 0:
-            raise ValueError("'timeout' must be a non-negative number")
-        actor = self._queue.actor
-        ref = actor.get.remote(timeout) if block else actor.get_nowait.remote()
-        return await self._await(ref)
+        """Awaitable :meth:`get`."""
+        self._check_timeout(timeout)
+        actor = self._actor
+        return await self._await(actor.get.remote(timeout) if block else actor.get_nowait.remote())
 
-    async def _await(self, ref: Any) -> Any:
-        fut = ref.future()
-        await wait_futures([fut])  # cancelling drops the call (a late item stays queued)
-        try:
-            return fut.result()
-        except BaseException as exc:
-            error = self._translate(exc)
-        raise error
+    async def __aiter__(self) -> AsyncIterator[Any]:
+        """``async for item in q``: get items until the queue is shut down and drained."""
+        while True:
+            try:
+                item = await self.get_async()
+            except QueueShutDown:
+                return
+            yield item
 
     @staticmethod
-    def _translate(exc: BaseException) -> BaseException:
-        import asyncio
+    async def _await(ref: Any) -> Any:
+        fut = ref.future()
+        await wait_futures([fut])  # cancelling drops the call (a late item stays queued)
+        return _outcome(fut)
 
-        error = translate(exc)
-        if isinstance(error, asyncio.QueueFull):
-            full: BaseException = _ray_queue.Full()
-            return full
-        if isinstance(error, asyncio.QueueEmpty):
-            empty: BaseException = _ray_queue.Empty()
-            return empty
-        return error
+
+class RayJoinableQueue(RayQueue):
+    """``aioshm.JoinableQueue``'s face on a Ray actor: :class:`RayQueue` plus ``task_done()``,
+    ``join()`` and ``join_async()``."""
+
+    def task_done(self) -> None:
+        """Mark one item taken with ``get()`` as processed."""
+        self._get(self._actor.task_done.remote())
+
+    def join(self) -> None:
+        """Block until every item put has been marked done."""
+        self._get(self._actor.join.remote())
+
+    async def join_async(self) -> None:
+        """Awaitable :meth:`join`."""
+        await self._await(self._actor.join.remote())

@@ -18,12 +18,41 @@ How ``ref`` reaches the other process (see Note [Segment lifetime] in ``_shm/_se
 * through aioshm's own connections and queues, a segment fd rides in the same ``sendmsg`` as
   the frame (SCM_RIGHTS); the pickle stores only its index in the message (:func:`dumps` and
   :func:`loads` set up that context);
-* anywhere else (a stdlib connection, a process being started), it falls back to
-  ``multiprocessing.reduction.DupFd``: inherited while spawning, else the stdlib's
-  ``resource_sharer``;
-* ``file_system`` segments travel as a name plus an in-flight ticket (a hard link).
+* to a process being started (spawn or fork-server arguments), the fd is inherited at launch
+  (``multiprocessing.reduction.DupFd`` with the spawning popen);
+* ``file_system`` segments travel as a name plus an in-flight ticket (a hard link), on any
+  channel.
+
+Note [Foreign channels]
+~~~~~~~~~~~~~~~~~~~~~~~
+A channel aioshm does not own (a stdlib ``Queue``, ``Pipe`` or ``Pool``, a
+``ProcessPoolExecutor``) pickles with ``ForkingPickler`` outside :func:`dumps`, so it cannot
+carry an fd beside the frame. The stdlib's own fallback, ``DupFd`` through the
+``resource_sharer``, makes the receiver connect back to the *sender* for the fd: a producer that
+exits before its item is received leaves the consumer a ``ConnectionRefusedError``. So on such a
+channel an array of an anonymous (``file_descriptor``) segment, or a non-shared array, is pickled
+by value, exactly as numpy pickles it without aioshm: the message is self-contained, outlives its
+sender, and nothing can leak however it is lost. (A copy into a named segment with a ticket
+would save the pipe's copies, but a message that is never received -- a queue dropped with items
+in it, futures cancelled, a consumer killed -- would leave a name in ``/dev/shm`` with no process
+to remove it.) Arrays on ``file_system`` segments keep their name and ticket, which outlive the
+sender too, and stay shared. aioshm's own channels (``aioshm.multiprocessing``'s ``Queue``,
+``Pipe`` and ``Pool``, and the async face) are unaffected: they pass the fd itself.
 
 Several views of one buffer in one message share one fd, and arrive as views of one mapping.
+
+Note [Functions by value]
+~~~~~~~~~~~~~~~~~~~~~~~~~
+Pickle carries a function by reference (module and qualified name), which fails for lambdas,
+closures and functions of an interactive session (``__main__`` without a file: a spawned or
+fork-server child cannot import it). With the optional ``cloudpickle`` installed
+(``pip install 'aioshm[cloudpickle]'``), aioshm's picklers and ``ForkingPickler`` send such a
+function -- only the function: code, closure, the globals it uses -- by value as a nested
+cloudpickle blob, whose pickler still has aioshm's reducers, so an array the function captures
+travels as a handle like any argument. Every function pickle can carry by reference still goes
+by reference. Without cloudpickle, a function that cannot go by reference raises a
+``PicklingError`` naming the extra; an interactive ``__main__`` function keeps the stdlib's
+by-reference pickle (which a forked child can resolve).
 """
 
 from __future__ import annotations
@@ -34,7 +63,9 @@ import io
 import os
 import pickle
 import struct
+import sys
 import threading
+import types
 import weakref
 from collections.abc import Callable
 from multiprocessing import context as _mp_context
@@ -255,6 +286,13 @@ def reduce_ndarray(a: np.ndarray) -> tuple[Any, ...]:
     """The ForkingPickler reducer for :class:`numpy.ndarray` (see the module docstring)."""
     buf = segment_buffer_of(a)
     target = a
+    if _local.state.out is None and _mp_context.get_spawning_popen() is None:
+        # a foreign channel (Note [Foreign channels]): only names outlive the sender there
+        if buf is None:
+            if _segment.get_sharing_strategy() != "file_system":
+                return a.__reduce__()  # type: ignore[return-value]
+        elif buf.segment.name is None:
+            return a.__reduce__()  # type: ignore[return-value]
     if buf is None:
         if a.dtype.hasobject or a.nbytes < _threshold or a.nbytes == 0:
             return a.__reduce__()  # type: ignore[return-value]
@@ -286,15 +324,173 @@ def reduce_ndarray(a: np.ndarray) -> tuple[Any, ...]:
     )
 
 
+# --------------------------------------------------------------------------- functions
+
+CLOUDPICKLE_HINT: Final = "pip install 'aioshm[cloudpickle]'"
+_MISSING: Final = object()
+
+
+class FunctionNotPicklable(pickle.PicklingError, AttributeError):
+    """A function pickle cannot carry by name, and cloudpickle is not installed. Both of the
+    types pickle itself raises for it (``PicklingError`` for a lambda, ``AttributeError`` for a
+    local function), so code that catches either keeps working."""
+
+
+def _by_reference(fn: types.FunctionType) -> bool:
+    """Whether a child can find ``fn`` by module and qualified name: pickle's own test, and for
+    ``__main__``, that the function comes from the main file a child re-imports."""
+    qualname = fn.__qualname__
+    if "<" in qualname:  # <lambda>, <locals>
+        return False
+    module = sys.modules.get(fn.__module__)
+    if module is None:
+        return True  # not imported here: leave it to pickle (which imports it or says why)
+    obj: object = module
+    for part in qualname.split("."):
+        obj = getattr(obj, part, _MISSING)
+    if obj is not fn:
+        return False
+    if fn.__module__ != "__main__":
+        return True
+    main_file = getattr(module, "__file__", None)
+    return main_file is not None and fn.__code__.co_filename == main_file
+
+
+def _reduce_function(obj: Any) -> Any:
+    """``reducer_override`` of the by-value picklers: NotImplemented except for a function that
+    cannot go by reference, which goes by value with cloudpickle or raises naming the extra."""
+    if type(obj) is not types.FunctionType or _by_reference(obj):
+        return NotImplemented
+    pickler = _cloud_pickler()
+    if pickler is None:
+        if obj.__module__ == "__main__" and "<" not in obj.__qualname__:
+            return NotImplemented  # interactive: a forked child resolves it by reference
+        raise FunctionNotPicklable(
+            f"cannot pickle {obj!r}: {obj.__module__}.{obj.__qualname__} cannot be imported by "
+            f"name; to send lambdas, closures and interactive functions by value, install "
+            f"cloudpickle: {CLOUDPICKLE_HINT}"
+        )
+    buf = io.BytesIO()
+    pickler(buf, _PROTOCOL).dump(obj)
+    return _rebuild_function, (buf.getvalue(),)
+
+
+def _rebuild_function(blob: bytes) -> Any:
+    try:
+        return pickle.loads(blob)
+    except ModuleNotFoundError as exc:
+        if exc.name != "cloudpickle":
+            raise
+        raise ModuleNotFoundError(
+            f"a function was sent by value with cloudpickle, which this process cannot import: "
+            f"{CLOUDPICKLE_HINT}",
+            name="cloudpickle",
+        ) from exc
+
+
+_cloud_pickler_cls: Any = None  # None: not looked for yet; False: not installed
+
+
+def _cloud_pickler() -> Any:
+    """cloudpickle's pickler with aioshm's reducers in its dispatch table, or None."""
+    global _cloud_pickler_cls
+    if _cloud_pickler_cls is None:
+        try:
+            import cloudpickle  # type: ignore[import-untyped,unused-ignore]
+        except ImportError:
+            _cloud_pickler_cls = False
+            return None
+
+        class CloudPickler(cloudpickle.Pickler):  # type: ignore[misc]
+            dispatch_table = collections.ChainMap(  # noqa: RUF012 (never mutated)
+                cloudpickle.Pickler.dispatch_table,
+                ForkingPickler._extra_reducers,  # type: ignore[attr-defined]
+            )
+
+        _cloud_pickler_cls = CloudPickler
+    return _cloud_pickler_cls or None
+
+
+_interactive_for: tuple[object, bool] = (None, False)  # (the __main__ module, the answer)
+
+
+def _interactive() -> bool:
+    """Whether functions of ``__main__`` may come from outside a file a child can import (a
+    REPL, ``-c``, stdin, a notebook) and cloudpickle could send them by value."""
+    global _interactive_for
+    main = sys.modules.get("__main__")
+    if _interactive_for[0] is not main:
+        answer = (
+            main is not None
+            and (getattr(main, "__file__", None) is None or "ipykernel" in sys.modules)
+            and _cloud_pickler() is not None
+        )
+        _interactive_for = (main, answer)
+    return _interactive_for[1]
+
+
+#: Errors pickle raises for a function it cannot find by name (the C pickler says
+#: "attribute lookup ... failed" with PicklingError, "Can't pickle local object" with
+#: AttributeError): worth one more try with :func:`_reduce_function` in the pickler.
+_BY_NAME_ERRORS: Final = (pickle.PicklingError, AttributeError)
+
+
+class _ValuePickler(_Pickler):
+    """:class:`_Pickler` that sends functions by value where needed. Not the default: a
+    ``reducer_override`` is called for every non-builtin object and costs ~1.4 µs per small
+    array, so it is used only to retry a pickle that failed, or in an interactive session."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        return _reduce_function(obj)
+
+
+class _ForkingValuePickler(ForkingPickler):
+    """``ForkingPickler`` that sends functions by value where needed (see :class:`_ValuePickler`)."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        return _reduce_function(obj)
+
+
+def _pickle_by_value(obj: object) -> bytes:
+    buf = io.BytesIO()
+    _ValuePickler(buf, _PROTOCOL).dump(obj)
+    return buf.getvalue()
+
+
+_std_dumps: Final = ForkingPickler.dumps.__func__  # type: ignore[attr-defined]
+
+
+def _forking_dumps(cls: Any, obj: Any, protocol: int | None = None) -> memoryview:
+    """``ForkingPickler.dumps`` with the by-value retry (Note [Functions by value])."""
+    if cls is not ForkingPickler:  # someone's subclass: theirs to decide
+        return _std_dumps(cls, obj, protocol)  # type: ignore[no-any-return]
+    if _interactive():
+        return _std_dumps(_ForkingValuePickler, obj, protocol)  # type: ignore[no-any-return]
+    try:
+        return _std_dumps(cls, obj, protocol)  # type: ignore[no-any-return]
+    except _BY_NAME_ERRORS:
+        pass
+    return _std_dumps(_ForkingValuePickler, obj, protocol)  # type: ignore[no-any-return]
+
+
+def _forking_dump(obj: Any, file: Any, protocol: int | None = None) -> None:
+    """``multiprocessing.reduction.dump`` (what spawn and the fork server pickle a process
+    object with) through :func:`_forking_dumps`, so a failed attempt writes nothing."""
+    file.write(ForkingPickler.dumps(obj, protocol))
+
+
 _installed = False
 
 
 def init_reductions() -> None:
-    """Register aioshm's reducers with ``ForkingPickler`` (idempotent)."""
+    """Register aioshm's reducers with ``ForkingPickler`` (idempotent): ndarrays as handles,
+    and the by-value retry for functions (Note [Functions by value])."""
     global _installed
     if _installed:
         return
     ForkingPickler.register(np.ndarray, reduce_ndarray)
+    ForkingPickler.dumps = classmethod(_forking_dumps)  # type: ignore[method-assign,assignment]
+    _mp_reduction.dump = _forking_dump
     _installed = True
 
 
@@ -334,8 +530,23 @@ def dumps(
     st = _local.state
     prev = (st.out, st.owned, st.memo, st.copies)  # a reducer may pickle a message itself
     st.out, st.owned, st.memo, st.copies = fds, owned, {}, copies
+    ncopies = len(copies) if copies is not None else 0
+    retry: BaseException | None = None
     try:
-        data = _pickle(obj, st)
+        if _interactive():
+            data = _pickle_by_value(obj)
+        else:
+            try:
+                data = _pickle(obj, st)
+            except _BY_NAME_ERRORS as exc:
+                retry = exc  # maybe a function that can go by value: start the message over
+                close_owned(fds, owned)
+                del fds[:], owned[:]
+                if copies is not None:
+                    del copies[ncopies:]
+                st.memo = {}
+        if retry is not None:
+            data = _pickle_by_value(obj)
     except BaseException:
         close_owned(fds, owned)
         raise

@@ -698,8 +698,9 @@ def test_unpicklable_arguments_and_results_fail_alone(fifos: Callable[[], Fifo])
     try:
         before = worker_pids(pool)
         good1 = pool.apply_async(targets.slow_square, (3, 0.05))
-        bad_arg = pool.apply_async(targets.identity, (lambda: 1,))
-        bad_fn = pool.apply_async(lambda: 1)
+        lock = threading.Lock()  # captured, so even cloudpickle cannot send these lambdas
+        bad_arg = pool.apply_async(targets.identity, (lambda: lock,))
+        bad_fn = pool.apply_async(lambda: lock)
         bad_load = pool.apply_async(targets.identity, (targets.BadOnLoad(),))
         bad_result = pool.apply_async(targets.return_lock)
         good2 = pool.apply_async(targets.square, (4,))
@@ -718,7 +719,7 @@ def test_unpicklable_arguments_and_results_fail_alone(fifos: Callable[[], Fifo])
         assert "lock" in str(info2.value).lower()
         # the map with one unpicklable item fails (stdlib: as a whole); others are untouched
         with pytest.raises(Exception, match="(?i)pickle|lambda"):
-            pool.map(targets.identity, [1, lambda: 2, 3], chunksize=1)
+            pool.map(targets.identity, [1, lambda: lock, 3], chunksize=1)
         assert pool.map(targets.square, range(5)) == [0, 1, 4, 9, 16]
         assert worker_pids(pool) == before
         assert pool.statistics().workers_replaced == 0

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import queue
 import signal
 import subprocess
 import sys
@@ -451,6 +452,70 @@ async def test_queue_put_get_with_arrays(backend: Any) -> None:
             items = [await q.get_async() for _ in range(3)]
         assert [(r, i) for r, i, _ in items] == [(0, 0), (0, 1), (0, 2)]
         np.testing.assert_array_equal(items[2][2], np.full(4, 2.0))
+    finally:
+        q.close()
+        if backend.name == "local":
+            q.join_thread()
+
+
+@BOTH
+@pytest.mark.anyio
+async def test_queue_maxsize_shutdown_and_async_for(backend: Any) -> None:
+    """``maxsize`` given by keyword holds; shutdown wakes a waiting get, refuses puts, and lets
+    ``async for`` drain what is left."""
+    q = aioshm.Queue(maxsize=1, backend=backend)
+    try:
+        with anyio.fail_after(WAIT):
+            await q.put_async(1)
+            with pytest.raises(queue.Full):
+                q.put_nowait(2)
+            with pytest.raises(queue.Full):
+                await q.put_async(2, timeout=0.05)
+            assert q.full()
+            assert await q.get_async() == 1
+
+            async def waiter() -> None:
+                with pytest.raises(aioshm.QueueShutDown):
+                    await q.get_async()
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(waiter)
+                await anyio.wait_all_tasks_blocked()
+                q.shutdown()
+        with pytest.raises(aioshm.QueueShutDown):
+            await q.put_async(3)
+        with pytest.raises(aioshm.QueueShutDown):
+            q.put(3)
+    finally:
+        q.close()
+        if backend.name == "local":
+            q.join_thread()
+    q = aioshm.Queue(backend=backend)
+    try:
+        with anyio.fail_after(WAIT):
+            for i in range(3):
+                await q.put_async(i)
+            q.shutdown()
+            assert [item async for item in q] == [0, 1, 2]
+    finally:
+        q.close()
+        if backend.name == "local":
+            q.join_thread()
+
+
+@BOTH
+@pytest.mark.anyio
+async def test_joinable_queue(backend: Any) -> None:
+    q = aioshm.JoinableQueue(backend=backend)
+    try:
+        with anyio.fail_after(WAIT):
+            await q.put_async("job")
+            assert await q.get_async() == "job"
+            q.task_done()
+            await q.join_async()
+            q.join()
+            with pytest.raises(ValueError, match="too many times"):
+                q.task_done()
     finally:
         q.close()
         if backend.name == "local":

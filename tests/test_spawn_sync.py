@@ -356,8 +356,9 @@ def test_exceptions_pickle_round_trip(start: Starter) -> None:
 @pytest.mark.parametrize("method", ["spawn", "forkserver"])
 def test_start_failure_leaves_nothing(method: str) -> None:
     """A target that cannot be pickled for the children fails the start, leaving nothing."""
+    lock = threading.Lock()  # captured, so even cloudpickle cannot send the lambda
     with pytest.raises((pickle.PicklingError, AttributeError, TypeError)):
-        _spawn.start_processes(lambda rank: rank, nprocs=2, start_method=method)
+        _spawn.start_processes(lambda rank: lock, nprocs=2, start_method=method)
 
 
 class _Interrupted(Exception):
