@@ -20,6 +20,7 @@ from ._context import DEFAULT_START_METHOD
 from ._context import concrete_contexts as _concrete_contexts
 from ._exceptions import (
     AioshmError,
+    BrokenPool,
     FdLimitError,
     InvalidHandle,
     PoolClosed,
@@ -60,6 +61,7 @@ __all__ = (
     "AsyncProcessContext",
     "AsyncResult",
     "Backend",
+    "BrokenPool",
     "Connection",
     "FdLimitError",
     "InvalidHandle",

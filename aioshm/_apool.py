@@ -38,6 +38,7 @@ import asyncio
 import collections
 import contextvars
 import itertools
+import logging
 import math
 import multiprocessing
 import os
@@ -58,6 +59,7 @@ from . import _procutil, _reduction
 from ._connection import RecordChannel, record_pair
 from ._context import DEFAULT_START_METHOD
 from ._exceptions import (
+    BrokenPool,
     PoolClosed,
     ProcessExitedException,
     ProcessRaisedException,
@@ -92,6 +94,12 @@ BATCH_BYTES: Final = 16 * 1024
 #: Seconds a ``run_sync`` worker may stay idle before it is retired (anyio's value).
 WORKER_MAX_IDLE_TIME: Final = 300.0
 GRACE_PERIOD: Final = 2.0
+#: Workers that die at start-up this many times in a row (before any worker reached its task
+#: loop) break the pool: every pending and later task fails with ``BrokenPool``.
+STARTUP_FAILURES: Final = 3
+
+#: Worker deaths, replacements and broken pools are logged here (no handler installed).
+log = logging.getLogger("aioshm")
 
 _IN, _OUT = select.POLLIN, select.POLLOUT
 _job_ids = itertools.count()
@@ -542,6 +550,7 @@ class _Worker:
         "finished",
         "idle_since",
         "inflight",
+        "init_error",
         "proc",
         "results",
         "results_fd",
@@ -571,6 +580,7 @@ class _Worker:
         self.idle_since = time.monotonic()
         self.eof = False  # its result channel reached EOF: it is exiting
         self.stopping = False  # being terminated by a cancelled await
+        self.init_error: tuple[BaseException, str] | None = None  # its initializer raised
 
     def close_channels(self) -> None:
         self.tasks.close()
@@ -652,6 +662,13 @@ class PoolAPI:
     def _check_running(self) -> None:
         if self._state != "RUN":
             raise ValueError("Pool not running")
+        error = self._broken_error()
+        if error is not None:
+            raise error
+
+    def _broken_error(self) -> BrokenPool | None:
+        """A new ``BrokenPool`` for a task if the pool gave up (see :data:`STARTUP_FAILURES`)."""
+        return None
 
     # -- what a pool provides: the results and iterators drive it through these ---------------
 
@@ -958,6 +975,8 @@ class Pool(PoolAPI):
         self._watch_idle = 0  # its callbacks since the last such task left
         self._waiter_key: tuple[int, list[tuple[int, int]]] | None = None
         self._lazy = _lazy  # run_sync's pool starts workers on demand
+        self._startup_deaths = 0  # workers dead at start-up since one last got through it
+        self._broken: tuple[str, BaseException, str] | None = None  # (why, cause, traceback)
         self._guard: Any = None
         _pools.add(self)
         try:
@@ -999,7 +1018,7 @@ class Pool(PoolAPI):
             self._wake()  # who waits on the pool's fds must watch this worker's too
 
     def _repopulate(self) -> None:
-        if self._state != "RUN" or self._lazy:
+        if self._state != "RUN" or self._lazy or self._broken is not None:
             return
         while len(self._workers) < self._processes:
             self._start_worker()
@@ -1023,6 +1042,10 @@ class Pool(PoolAPI):
     ) -> None:
         job = _Job(fn, args, kwds, result, index, cancellable)
         with self._mutex:
+            error = self._broken_error()
+            if error is not None:  # e.g. an imap's next chunk
+                result._finish(None, error)
+                return
             self._jobs[job.id] = job
             result._jobs.add(job)
             self._pending.append(job)
@@ -1073,6 +1096,30 @@ class Pool(PoolAPI):
                 and self._driver_thread != threading.get_ident()
             ):
                 self._wake()  # the driving task may wait for a result read here: wake it
+            self._refresh_watch()
+
+    def _refresh_watch(self) -> None:
+        """Keep the loop's watch of the pool's fds current after a step (under the mutex).
+
+        The rule: while a :class:`LoopWatch` is started, it watches the fds of the workers
+        there are now. A step that changed them (a worker started or removed) or that may
+        have changed what waits for room to be sent, and that is not the loop's own
+        callback, must bring the watch up to date, because it may have eaten the wake-up
+        byte that would have made the loop's callback do it. (A blocking ``get`` right after
+        a cancel-kill did, and the next await parked for ever on the dead worker's fds.) In
+        the loop's thread the watch is changed here; from another thread a new wake-up byte
+        makes the loop's callback change it.
+        """
+        watch = self._watch
+        if watch is None or not watch.started:
+            return
+        stale = watch.key != self._generation
+        if not (stale or self._pending or watch.has_out):
+            return
+        if watch.thread == threading.get_ident():
+            watch.watch(self._generation, self._wait_fds())
+        elif stale:
+            self._wake()
 
     def _step_locked(self, ready: set[int] | None) -> None:
         if self._woken and (ready is None or self._wake_r in ready):
@@ -1106,7 +1153,7 @@ class Pool(PoolAPI):
 
     def _grow(self) -> None:
         """A lazy pool (run_sync's) starts a worker for each task no idle worker can take."""
-        if self._state != "RUN":
+        if self._state != "RUN" or self._broken is not None:
             return
         busy = sum(1 for w in self._workers if w.inflight)
         want = min(self._processes, busy + len(self._pending))
@@ -1133,7 +1180,16 @@ class Pool(PoolAPI):
                 return
             if got is None:
                 return
+            try:
+                msg = worker.results.decode(*got)
+            except Exception as exc:
+                msg, bad = None, exc
+            if msg is not None and msg[0] == "init-failed":  # no task's result: it exits now
+                _, _, original, type_name, tb_text = msg
+                worker.init_error = (_remote_error(original, type_name, tb_text), str(tb_text))
+                continue
             worker.finished += 1
+            self._startup_deaths = 0  # a worker got through its start-up
             job = worker.inflight.popleft() if worker.inflight else None
             now = time.monotonic()
             if job is not None:
@@ -1141,11 +1197,9 @@ class Pool(PoolAPI):
                 took = now - max(job.sent_at, worker.idle_since)
                 self._task_time = max(took, self._task_time * 0.9)
             worker.idle_since = now
-            try:
-                msg = worker.results.decode(*got)
-            except Exception as exc:
+            if msg is None:
                 if job is not None:
-                    self._complete(job, None, exc)
+                    self._complete(job, None, bad)
             else:
                 if job is not None:
                     if msg[0] == "ok":
@@ -1169,6 +1223,32 @@ class Pool(PoolAPI):
         self._read_results(worker)  # what it sent before dying is still there
         worker.proc.join()  # not alive any more: returns at once
         exitcode = worker.proc.exitcode
+        startup_death = (
+            not worker.taken.started
+            and self._state == "RUN"
+            and not worker.stopping
+            and self._broken is None
+        )
+        if worker.taken.started:
+            self._startup_deaths = 0
+        elif startup_death:
+            self._startup_deaths += 1
+        breaking = startup_death and self._startup_deaths >= STARTUP_FAILURES
+        if startup_death or (
+            exitcode not in (0, None) and self._state == "RUN" and not worker.stopping
+        ):
+            log.warning(
+                "pool worker %s (pid %s) died%s with %s%s",
+                worker.proc.name,
+                worker.proc.pid,
+                " at start-up" if startup_death else "",
+                _exit_text(exitcode),
+                "" if breaking or self._broken is not None else "; replacing it",
+            )
+        elif worker.stopping and self._state == "RUN" and self._broken is None:
+            log.info(
+                "pool worker %s (pid %s) stopped; replacing it", worker.proc.name, worker.proc.pid
+            )
         if worker.inflight and worker.taken.value > worker.finished:
             # it took its oldest task off the channel, so it died running that one
             running = worker.inflight.popleft()
@@ -1196,6 +1276,50 @@ class Pool(PoolAPI):
         worker.inflight.clear()
         self._remove_worker(worker)
         _close_popen(worker.proc)
+        if breaking:
+            self._break(worker, exitcode)
+
+    def _break(self, worker: _Worker, exitcode: int | None) -> None:
+        """Give up (the broken-pool rule): fail every task, stop the workers left, start none."""
+        n = self._startup_deaths
+        if worker.init_error is not None:
+            cause, tb_text = worker.init_error
+            why = (
+                f"the pool's initializer raised {type(cause).__name__} in {n} workers in a "
+                f"row: {cause}"
+            )
+        else:
+            tb_text = ""
+            why = (
+                f"{n} pool workers in a row died at start-up (the last, pid {worker.proc.pid}, "
+                f"with {_exit_text(exitcode)}), before reaching their task loop. Does the script "
+                'start the pool outside an `if __name__ == "__main__":` guard, or can the '
+                "workers not import its main module (read from stdin)? The worker printed its "
+                "traceback to its stderr"
+            )
+            cause = ProcessExitedException(
+                f"pool worker {worker.proc.name} (pid {worker.proc.pid}) died at start-up with "
+                f"{_exit_text(exitcode)}",
+                0,
+                worker.proc.pid or -1,
+                exitcode if exitcode is not None else -1,
+                signal_name_of(exitcode) if exitcode is not None else None,
+            )
+        self._broken = (f"the pool is broken: {why}", cause, tb_text)
+        log.error("%s; it starts no more workers and fails every task", self._broken[0])
+        self._fail_all("", self._broken_error)
+        for other in self._workers:
+            if not other.stopping and other.proc.is_alive():
+                other.stopping = True
+                other.proc.terminate()
+
+    def _broken_error(self) -> BrokenPool | None:
+        if self._broken is None:
+            return None
+        why, cause, tb_text = self._broken
+        error = BrokenPool(why, tb_text)
+        error.__cause__ = cause
+        return error
 
     def _dispatch(self) -> None:
         """Send pending tasks, each batch to the ready worker with the fewest tasks in flight."""
@@ -1443,6 +1567,8 @@ class Pool(PoolAPI):
                 watch.watch(self._generation, self._wait_fds())
                 watch.start()
                 self._parked += 1
+            elif watch.key != self._generation:  # see _refresh_watch
+                watch.watch(self._generation, self._wait_fds())
             self._watch_idle = 0
             return watch
 
@@ -1459,10 +1585,8 @@ class Pool(PoolAPI):
                     watch.stop()
                     self._parked -= 1
                     return
-            # the watched set changes with the workers (generation) and, while tasks wait
-            # for room in a full channel, with their send-ahead state
-            if self._pending or watch.has_out or watch.key != self._generation:
-                watch.watch(self._generation, self._wait_fds())
+        # the watched set changes with the workers and, while tasks wait for room in a full
+        # channel, with their send-ahead state: the _step above brought it up to date
 
     async def _await_watched(
         self, done: Callable[[], bool], result: AsyncResult, loop: asyncio.AbstractEventLoop
@@ -1620,13 +1744,14 @@ class Pool(PoolAPI):
                 self._worker_died(worker)
         self._release()
 
-    def _fail_all(self, why: str) -> None:
+    def _fail_all(self, why: str, make_error: Callable[[], Any] | None = None) -> None:
         jobs = list(self._jobs.values())
         self._pending.clear()
         for worker in self._workers:
             worker.inflight.clear()
         for job in jobs:
-            self._complete(job, None, PoolClosed(f"{why} before this task finished"))
+            error = make_error() if make_error else PoolClosed(f"{why} before this task finished")
+            self._complete(job, None, error)
 
     def _shutdown_now(self) -> None:
         with self._mutex:
@@ -1722,6 +1847,11 @@ def _close_popen(proc: Any) -> None:
     close = getattr(popen, "close", None)
     if popen is not None and getattr(popen, "returncode", None) is not None and callable(close):
         close()
+
+
+def _exit_text(exitcode: int | None) -> str:
+    name = signal_name_of(exitcode) if exitcode is not None else None
+    return f"signal {name}" if name else f"exit code {exitcode}"
 
 
 def _remote_error(original: Any, type_name: str, tb_text: str) -> BaseException:

@@ -8,7 +8,12 @@ Protocol, one record per message on two SOCK_SEQPACKET channels of its own:
   last other holder");
 * worker → parent: ``("ok", job_id, value)`` or ``("raised", job_id, exc_or_None, type_name,
   traceback_text)``; ``("bad-task", None, None, type_name, traceback_text)`` when a task could
-  not even be unpickled (the parent knows which job it sent).
+  not even be unpickled (the parent knows which job it sent); ``("init-failed", None,
+  exc_or_None, type_name, traceback_text)`` when the ``initializer`` raised (then it exits
+  with code 1, printing nothing).
+
+The counter page's third word is set once the worker reached its task loop: a worker that
+dies without it died at start-up (see the pool's broken-pool rule).
 
 A worker runs its tasks strictly in order and counts, in a page it shares with the parent
 (:class:`TaskCounter`), every task it takes on before unpickling it (a batch's first task
@@ -70,6 +75,14 @@ class TaskCounter:
     def set_retained(self, retained: bool) -> None:
         self._view[1] = int(retained)
 
+    @property
+    def started(self) -> bool:
+        """The worker got through its start-up (imports, ``initializer``) to its task loop."""
+        return bool(self._view[2])
+
+    def set_started(self) -> None:
+        self._view[2] = 1
+
     def bump(self) -> None:
         self._view[0] += 1
 
@@ -120,7 +133,12 @@ def worker_main(
     _procutil.arm_parent_death_watch()
     _segment.retain_received(True)
     if initializer is not None:
-        initializer(*initargs)
+        try:
+            initializer(*initargs)
+        except BaseException as exc:  # reported once to the parent, not printed here
+            _send_raised(results, None, exc, "init-failed")
+            raise SystemExit(1) from None
+    taken.set_started()  # from here on, a death is no start-up failure
     done = 0
     batch: collections.deque[bytes] = collections.deque()  # pickled tasks still to run
     while maxtasks is None or done < maxtasks:

@@ -27,6 +27,7 @@ import json
 import multiprocessing
 import multiprocessing.connection
 import os
+import pickle
 import random
 import select
 import signal
@@ -1659,3 +1660,206 @@ def test_run_sync_default_pool_stops_at_loop_end() -> None:
     for backend in ("asyncio", "trio"):
         assert report[backend]["pids"], report
         assert report[backend]["alive"] == [], report
+
+
+# =========================================================================== the broken-pool rule
+
+STARTUP_FAILURES = aioshm._apool.STARTUP_FAILURES
+
+
+def _fifo_lines(fifo: Fifo) -> list[str]:
+    """Every complete line written to ``fifo`` so far (non-blocking)."""
+    fifo._read_some()
+    lines = []
+    while (line := fifo._take_line()) is not None:
+        lines.append(line)
+    return lines
+
+
+def _check_broken(error: BaseException, pids: list[str], processes: int) -> None:
+    assert isinstance(error, aioshm.BrokenPool), repr(error)
+    assert isinstance(error, aioshm.AioshmError)
+    assert "initializer raised ValueError" in str(error)
+    cause = error.__cause__
+    assert isinstance(cause, ValueError) and "always fails" in str(cause)
+    assert isinstance(cause.__cause__, RemoteTraceback)
+    assert "failing_initializer" in error.remote_traceback
+    # bounded restarts: the rule, plus the workers that were starting when it broke
+    assert STARTUP_FAILURES <= len(pids) < STARTUP_FAILURES + processes
+    again = pickle.loads(pickle.dumps(error))
+    assert type(again) is aioshm.BrokenPool
+    assert (again.msg, again.remote_traceback) == (error.msg, error.remote_traceback)
+
+
+@pytest.mark.timeout(60)
+def test_initializer_that_raises_breaks_the_pool_blocking(fifos: Callable[[], Fifo]) -> None:
+    """An initializer that always raises: after STARTUP_FAILURES worker deaths in a row the
+    pool gives up; pending and later tasks raise BrokenPool (cause: the initializer's
+    exception with its remote traceback) and no worker is started any more."""
+    fifo = fifos()
+    pool = aioshm.Pool(2, initializer=targets.failing_initializer, initargs=(fifo.path,))
+    try:
+        pending = [pool.apply_async(targets.square, (i,)) for i in range(5)]
+        with pytest.raises(aioshm.BrokenPool) as info:
+            pool.map(targets.square, range(10))
+        for result in pending:
+            with pytest.raises(aioshm.BrokenPool):
+                result.get(WAIT)
+        with pytest.raises(aioshm.BrokenPool):
+            pool.apply_async(targets.square, (1,))
+        pool.close()
+        pool.join()  # the workers left were stopped
+        assert not pool._workers
+        _check_broken(info.value, _fifo_lines(fifo), 2)
+    finally:
+        shut(pool)
+
+
+@ASYNC
+@pytest.mark.timeout(60)
+async def test_initializer_that_raises_breaks_the_pool(fifos: Callable[[], Fifo]) -> None:
+    """The same on the async face: every await ends with BrokenPool, none hangs."""
+    fifo = fifos()
+    async with apool(2, initializer=targets.failing_initializer, initargs=(fifo.path,)) as pool:
+        with anyio.fail_after(WAIT):
+            results = [pool.apply_async(targets.square, (i,)) for i in range(5)]
+            errors = [await settle(r) for r in results]
+            with pytest.raises(aioshm.BrokenPool):
+                await pool.map_async(targets.square, range(10))
+            with pytest.raises(aioshm.BrokenPool):
+                pool.apply_async(targets.square, (1,))
+            pool.close()
+            await pool.join_async()
+        assert not pool._workers
+        for error in errors:
+            assert isinstance(error, aioshm.BrokenPool)
+        _check_broken(errors[0], _fifo_lines(fifo), 2)
+
+
+def test_a_worker_that_gets_through_start_up_resets_the_count() -> None:
+    """Deaths of workers that had started (here: killed while idle) never break a pool."""
+    pool = aioshm.Pool(1)
+    try:
+        for _ in range(STARTUP_FAILURES + 1):
+            pid = pool.apply(targets.getpid)
+            kill_and_wait(pool, {pid})
+        assert pool.apply(targets.square, (4,)) == 16
+    finally:
+        shut(pool)
+
+
+_BROKEN_SCRIPT = """
+import json, sys
+sys.path.insert(0, {tests!r})
+import aioshm
+import _pool_targets as targets
+
+FACE, BACKEND = {face!r}, {backend!r}
+# no `if __name__ == "__main__":` guard: every worker re-runs this and dies at start-up
+report = {{}}
+
+
+def record(exc):
+    report.setdefault("errors", []).append(
+        [type(exc).__name__, str(exc), type(exc.__cause__).__name__]
+    )
+
+
+if FACE == "blocking":
+    pool = aioshm.Pool(2)
+    for _ in range(2):  # a later task fails at once too
+        try:
+            pool.apply(targets.square, (3,))
+        except aioshm.BrokenPool as exc:
+            record(exc)
+    pool.terminate()
+    pool.join()
+else:
+    import anyio
+
+    async def main():
+        with anyio.fail_after(30):
+            for _ in range(2):
+                try:
+                    if FACE == "pool":
+                        await pool.apply_async(targets.square, (3,))
+                    else:
+                        await aioshm.run_sync(targets.square, 3)
+                except aioshm.BrokenPool as exc:
+                    record(exc)
+            if FACE == "pool":
+                await pool.terminate_async()
+
+    if FACE == "pool":
+        pool = aioshm.Pool(2)
+    options = {{"use_uvloop": True}} if BACKEND == "uvloop" else {{}}
+    anyio.run(main, backend="trio" if BACKEND == "trio" else "asyncio", backend_options=options)
+print(json.dumps(report))
+"""
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize(
+    ("face", "backend"),
+    [
+        ("blocking", None),
+        ("pool", "asyncio"),
+        ("pool", "uvloop"),
+        ("pool", "trio"),
+        ("run_sync", "asyncio"),
+        ("run_sync", "uvloop"),
+        ("run_sync", "trio"),
+    ],
+)
+@pytest.mark.parametrize("trigger", ["no_main_guard", "main_from_stdin"])
+def test_workers_dying_at_start_up_break_the_pool(
+    tmp_path: Path, trigger: str, face: str, backend: str | None
+) -> None:
+    """A script without a main guard, or read from stdin: its workers die at start-up. The
+    pool (and run_sync's default pool) gives up after STARTUP_FAILURES deaths in a row, every
+    await and call raises BrokenPool, and stderr holds a bounded number of tracebacks."""
+    script = _BROKEN_SCRIPT.format(tests=str(TESTS_DIR), face=face, backend=backend)
+    path = tmp_path / "broken_main.py"
+    path.write_text(script)
+    if trigger == "no_main_guard":
+        args, stdin = [sys.executable, str(path)], None
+    else:
+        args, stdin = [sys.executable, "-"], script
+    proc = subprocess.run(
+        args, input=stdin, capture_output=True, text=True, timeout=60, cwd=tmp_path, check=False
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    errors = report["errors"]
+    assert len(errors) == 2, report
+    for name, message, cause in errors:
+        assert name == "BrokenPool"
+        assert "died at start-up" in message and "__main__" in message
+        assert cause == "ProcessExitedException"
+    processes = 2 if face != "run_sync" else os.cpu_count() or 1
+    tracebacks = proc.stderr.count("Traceback (most recent call last)")
+    assert STARTUP_FAILURES <= tracebacks < STARTUP_FAILURES + processes, proc.stderr[-3000:]
+    assert "the pool is broken" in proc.stderr  # logged once, at ERROR
+
+
+# =========================================================================== the cancel-kill race
+
+
+@ASYNC
+@pytest.mark.timeout(60)
+async def test_worker_replaced_by_a_blocking_call_is_watched_by_the_loop() -> None:
+    """Regression (CI once hung in ``test_cancellable_task_kills_its_worker[asyncio+uvloop]``):
+    a worker replaced while the event loop's watch of the pool's fds is started, by a step
+    that is not the loop's (there: ``result.get(timeout=0)`` right after the cancel), ate the
+    wake-up byte that told the loop to watch the new worker's fds; the next await then parked
+    on a watch of the dead worker's fds for ever. Here the replacement happens in a blocking
+    ``get`` between two awaits, with no loop iteration in between."""
+    async with apool(1) as pool:
+        with anyio.fail_after(WAIT):
+            pid = await pool.apply_async(targets.getpid)  # the loop now watches this worker
+            kill_and_wait(pool, {pid})
+            # blocking, in the loop's thread: reaps the worker, starts and uses a new one
+            new = pool.apply_async(targets.getpid).get(WAIT)
+            assert new != pid
+            assert await pool.apply_async(targets.getpid) == new
+            assert await pool.apply_async(targets.square, (5,)) == 25
