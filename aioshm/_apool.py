@@ -273,6 +273,17 @@ class AsyncResult:
         self._pool._cancel(self)
         return True
 
+    def _cancel_awaited(self) -> None:
+        """The await of this result was cancelled: the result is cancelled, as a future
+        awaited by a cancelled task is (asyncio's ``Task.cancel`` cancels the future it
+        waits on). That is what makes ``asyncio.wait_for`` cancel it on every Python:
+        before 3.12 it calls :meth:`cancel`, since then it cancels the awaiting task (it is
+        built on ``asyncio.timeout``). A task that runs on in its worker has its result
+        discarded; a ``cancellable`` one was stopped already (:meth:`PoolAPI._abandon`)."""
+        self._cancelled = True
+        if not self._ready:
+            self._finish(None, TaskCancelled("the awaiting task was cancelled"))
+
     def _schedule_done_callbacks(self) -> None:
         callbacks, self._done_callbacks = self._done_callbacks or [], None
         loop = self._loop
@@ -305,9 +316,11 @@ class AsyncResult:
     async def _await(self) -> Any:
         try:
             await self._pool._drive_until_async(self.ready, self)
-        except BaseException:
+        except BaseException as exc:
             if not self._ready:
                 await self._pool._abandon(self)
+                if isinstance(exc, anyio.get_cancelled_exc_class()):
+                    self._cancel_awaited()
             raise
         if self._error is not None:
             raise self._error

@@ -955,7 +955,9 @@ async def test_results_are_asyncio_futures(anyio_backend: Any) -> None:
 async def test_wait_for_a_result_cancels_it(anyio_backend: Any, fifos: Callable[[], Fifo]) -> None:
     """``asyncio.wait_for(result, t)`` cancels the result on timeout, as cancelling an await
     would: a ``cancellable`` task's worker is killed and replaced; any other task runs on and
-    its result is discarded. The pool stays usable."""
+    its result is discarded. The pool stays usable. The same through ``asyncio.timeout()``,
+    which is what ``wait_for`` is built on since Python 3.12 (it no longer calls ``cancel()``
+    on what it awaits; the result is cancelled because its awaiting task was)."""
     import asyncio
 
     _asyncio_only(anyio_backend)
@@ -982,6 +984,26 @@ async def test_wait_for_a_result_cancels_it(anyio_backend: Any, fifos: Callable[
             gate.open_gate()
             assert await pool.apply_async(targets.getpid) == pid2  # the same worker, alive
             assert not keep.cancel()  # done already
+            assert await fifo.aline() == f"done {pid2}"
+
+            # Python 3.12+'s wait_for, on any Python
+            r = pool.apply_async(targets.announce_and_block, (fifo.path,), cancellable=True)
+            pid3 = int(await fifo.aline())
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.05):
+                    await r
+            assert r.cancelled() and r.done()
+            assert gone(pid3)
+            keep = pool.apply_async(targets.announce_and_wait, (fifo.path, gate.path, "ran"))
+            pid4 = int(await fifo.aline())
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.05):
+                    await keep
+            assert keep.cancelled()
+            with pytest.raises(asyncio.CancelledError):
+                keep.result()
+            gate.open_gate()
+            assert await pool.apply_async(targets.getpid) == pid4
 
 
 @ASYNC
@@ -1208,7 +1230,7 @@ async def test_cancellable_task_kills_its_worker(how: str, fifos: Callable[[], F
             # terminate (the worker does not ignore SIGTERM) -- well within the grace period
             assert time.monotonic() - t0 < aioshm._apool.GRACE_PERIOD + 1
             assert gone(pid)
-            assert result.ready()
+            assert result.ready() and result.cancelled()
             with pytest.raises(TaskCancelled):
                 result.get(timeout=0)
             new = worker_pids(pool)
@@ -1290,7 +1312,11 @@ async def test_not_cancellable_task_runs_on(fifos: Callable[[], Fifo]) -> None:
             assert scope.cancelled_caught
             assert not gone(pid)
             assert psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-            assert not result.ready()
+            # the result is cancelled (as a future awaited by a cancelled task), the task
+            # runs on and its value is discarded
+            assert result.ready() and result.cancelled()
+            with pytest.raises(TaskCancelled):
+                result.get(0)
             following = pool.apply_async(targets.getpid)
             gate.open_gate()
             assert await fifo.aline() == f"done {pid}"
