@@ -126,12 +126,12 @@ _LAZY_BACKEND = {
     "local_backend": "local_backend",
 }
 _LAZY_POOL = {
-    "AsyncResult": "AsyncResult",
-    "Pool": "Pool",
-    "PoolStatistics": "PoolStatistics",
-    "ProgressEvent": "ProgressEvent",
-    "run_sync": "run_sync",
-    "current_default_pool": "current_default_pool",
+    "AsyncResult": "_results",
+    "Pool": "_pool",
+    "PoolStatistics": "_results",
+    "ProgressEvent": "_results",
+    "run_sync": "_run_sync",
+    "current_default_pool": "_run_sync",
 }
 
 
@@ -154,9 +154,9 @@ def __getattr__(name: str) -> Any:
         globals()[name] = RayBackend
         return RayBackend
     if name in _LAZY_POOL:
-        from . import _apool
+        import importlib
 
-        value = getattr(_apool, _LAZY_POOL[name])
+        value = getattr(importlib.import_module(f"aioshm._pool.{_LAZY_POOL[name]}"), name)
         globals()[name] = value
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

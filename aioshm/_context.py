@@ -67,7 +67,7 @@ class _AioshmMixin:
         maxtasksperchild: int | None = None,
     ) -> Any:
         """A process pool whose tasks and results carry arrays as shared-memory handles."""
-        from ._pool import Pool
+        from ._pool._stdlib import Pool
 
         return Pool(processes, initializer, initargs, maxtasksperchild, context=self.get_context())
 

@@ -62,7 +62,8 @@ from aioshm import (
     RemoteTraceback,
     TaskCancelled,
 )
-from aioshm._apool import ProgressEvent, current_default_pool
+from aioshm._pool._results import ProgressEvent
+from aioshm._pool._run_sync import current_default_pool
 
 WAIT = 30.0  # the bound on every awaited or blocking section: nothing hangs
 
@@ -407,7 +408,7 @@ def test_terminate_fails_pending_with_pool_closed(fifos: Callable[[], Fifo]) -> 
         pid = int(fifo.line())
         t0 = time.monotonic()
         pool.terminate()
-        assert time.monotonic() - t0 < aioshm._apool.GRACE_PERIOD + 2
+        assert time.monotonic() - t0 < aioshm._pool._pool.GRACE_PERIOD + 2
         for r in [running, *queued, mapped]:
             assert r.ready()
             with pytest.raises(PoolClosed, match="terminated"):
@@ -521,7 +522,7 @@ def test_statistics(fifos: Callable[[], Fifo]) -> None:
         pid = int(fifo.line())
         s = pool.statistics()
         assert (s.idle_workers, s.busy_workers, s.tasks_running) == (0, 1, 1)
-        assert s.tasks_pending == 3 - (aioshm._apool.DEPTH - 1)
+        assert s.tasks_pending == 3 - (aioshm._pool._pool.DEPTH - 1)
         assert s.tasks_done == 0
         gate.open_gate()
         assert blocked.get(timeout=WAIT) == 1
@@ -1228,7 +1229,7 @@ async def test_cancellable_task_kills_its_worker(how: str, fifos: Callable[[], F
                     await anyio.lowlevel.checkpoint()
                     tg.cancel_scope.cancel()
             # terminate (the worker does not ignore SIGTERM) -- well within the grace period
-            assert time.monotonic() - t0 < aioshm._apool.GRACE_PERIOD + 1
+            assert time.monotonic() - t0 < aioshm._pool._pool.GRACE_PERIOD + 1
             assert gone(pid)
             assert result.ready() and result.cancelled()
             with pytest.raises(TaskCancelled):
@@ -1347,7 +1348,7 @@ async def test_terminate_async_fails_pending_awaits(fifos: Callable[[], Fifo]) -
                 pid = int(await fifo.aline())
                 t0 = time.monotonic()
                 await pool.terminate_async()
-            assert time.monotonic() - t0 < aioshm._apool.GRACE_PERIOD + 2
+            assert time.monotonic() - t0 < aioshm._pool._pool.GRACE_PERIOD + 2
             assert all(isinstance(o, PoolClosed) for o in outcomes.values()), outcomes
             assert len(outcomes) == len(results)
             assert gone(pid)
@@ -1467,7 +1468,7 @@ async def test_a_long_task_brings_the_send_ahead_depth_back_to_the_minimum() -> 
     """Short tasks are sent ahead (how far depends on their speed: the benchmark shows it);
     one task longer than the look-ahead budget brings the depth back to the minimum at once,
     so at most a budget's worth of work waits behind an unexpectedly long task."""
-    from aioshm._apool import AHEAD, DEPTH, MAX_DEPTH
+    from aioshm._pool._pool import AHEAD, DEPTH, MAX_DEPTH
 
     async with apool(1) as pool:
         with anyio.fail_after(WAIT):
@@ -1662,7 +1663,7 @@ def test_run_sync_default_pool_stops_at_loop_end() -> None:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(aioshm.run_sync, targets.getpid)
                 tg.start_soon(aioshm.run_sync, targets.getpid)
-            from aioshm._apool import current_default_pool
+            from aioshm._pool._run_sync import current_default_pool
             return sorted({{w.proc.pid for w in current_default_pool()._workers}} | set(pids))
 
         report = {{}}
@@ -1690,7 +1691,7 @@ def test_run_sync_default_pool_stops_at_loop_end() -> None:
 
 # =========================================================================== the broken-pool rule
 
-STARTUP_FAILURES = aioshm._apool.STARTUP_FAILURES
+STARTUP_FAILURES = aioshm._pool._pool.STARTUP_FAILURES
 
 
 def _fifo_lines(fifo: Fifo) -> list[str]:

@@ -41,9 +41,9 @@ import signal
 from collections.abc import Callable
 from typing import Any
 
-from . import _procutil, _reduction
-from ._connection import RecordChannel, anon_fd
-from ._shm import _segment
+from .. import _procutil, _reduction
+from .._connection import RecordChannel, anon_fd
+from .._shm import _segment
 
 __all__ = ("SWEEP", "TaskCounter", "worker_main")
 
@@ -94,13 +94,13 @@ class TaskCounter:
             self._fd = -1
 
     def __reduce__(self) -> tuple[Any, ...]:
-        from ._reduction import fd_ref
+        from .._reduction import fd_ref
 
         return (_rebuild_counter, (fd_ref(os.dup(self._fd), owned=True),))
 
 
 def _rebuild_counter(ref: object) -> TaskCounter:
-    from ._reduction import take_fd
+    from .._reduction import take_fd
 
     return TaskCounter(take_fd(ref))
 
@@ -110,7 +110,7 @@ def _send_raised(
 ) -> None:
     import traceback
 
-    from ._spawn import _round_trips, _type_name
+    from .._spawn import _round_trips, _type_name
 
     tb_text = "".join(traceback.format_exception(exc))
     payload = exc if _round_trips(exc) else None
