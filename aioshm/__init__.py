@@ -17,7 +17,7 @@ from typing import Any
 from . import _procutil, _reduction
 from ._connection import Connection, Pipe
 from ._context import DEFAULT_START_METHOD
-from ._context import concrete_contexts as _concrete_contexts
+from ._context import async_contexts as _async_contexts
 from ._exceptions import (
     AioshmError,
     BrokenPool,
@@ -167,7 +167,10 @@ def get_context(method: str | None = None) -> Any:
 
     Its ``Process``, ``Queue``, ``Pipe``, ``Pool``… build aioshm objects with awaitable twins.
     """
-    return _concrete_contexts[method or DEFAULT_START_METHOD]
+    try:
+        return _async_contexts[method or DEFAULT_START_METHOD]
+    except KeyError:
+        raise ValueError(f"cannot find context for {method!r}") from None
 
 
 #: ``aioshm.Process(target=f, args=…)``: a process of the async face's default start method.

@@ -522,7 +522,7 @@ def test_statistics(fifos: Callable[[], Fifo]) -> None:
         pid = int(fifo.line())
         s = pool.statistics()
         assert (s.idle_workers, s.busy_workers, s.tasks_running) == (0, 1, 1)
-        assert s.tasks_pending == 3 - (aioshm._pool._pool.DEPTH - 1)
+        assert s.tasks_pending == 3 - (aioshm._pool._scheduler.DEPTH - 1)
         assert s.tasks_done == 0
         gate.open_gate()
         assert blocked.get(timeout=WAIT) == 1
@@ -678,7 +678,7 @@ def test_batched_tasks_keep_per_task_failures(fifos: Callable[[], Fifo]) -> None
         ]
         assert len(pool._pending) == len(rest)
         with pool._mutex:  # room for all of them behind the gated two: one record
-            pool._depth = 8
+            pool._ahead.depth = 8
             pool._dispatch()
         assert sent[-1] == len(rest)
         gate.open_gate(2)
@@ -1468,16 +1468,16 @@ async def test_a_long_task_brings_the_send_ahead_depth_back_to_the_minimum() -> 
     """Short tasks are sent ahead (how far depends on their speed: the benchmark shows it);
     one task longer than the look-ahead budget brings the depth back to the minimum at once,
     so at most a budget's worth of work waits behind an unexpectedly long task."""
-    from aioshm._pool._pool import AHEAD, DEPTH, MAX_DEPTH
+    from aioshm._pool._scheduler import AHEAD, DEPTH, MAX_DEPTH
 
     async with apool(1) as pool:
         with anyio.fail_after(WAIT):
             assert await pool.map_async(targets.square, range(400), chunksize=1) == [
                 i * i for i in range(400)
             ]
-            assert DEPTH <= pool._depth <= MAX_DEPTH
+            assert DEPTH <= pool._ahead.depth <= MAX_DEPTH
             assert await pool.apply_async(targets.slow_square, (2, 20 * AHEAD)) == 4
-            assert pool._depth == DEPTH
+            assert pool._ahead.depth == DEPTH
 
 
 # =========================================================================== no threads
@@ -1691,7 +1691,7 @@ def test_run_sync_default_pool_stops_at_loop_end() -> None:
 
 # =========================================================================== the broken-pool rule
 
-STARTUP_FAILURES = aioshm._pool._pool.STARTUP_FAILURES
+STARTUP_FAILURES = aioshm._pool._scheduler.STARTUP_FAILURES
 
 
 def _fifo_lines(fifo: Fifo) -> list[str]:
@@ -1890,3 +1890,62 @@ async def test_worker_replaced_by_a_blocking_call_is_watched_by_the_loop() -> No
             assert new != pid
             assert await pool.apply_async(targets.getpid) == new
             assert await pool.apply_async(targets.square, (5,)) == 25
+
+
+# =========================================================================== faces and logging
+
+
+@pytest.mark.timeout(60)
+def test_each_face_hands_out_its_own_pool() -> None:
+    """``aioshm.get_context(m).Pool`` builds ``aioshm.Pool``; ``aioshm.multiprocessing
+    .get_context(m).Pool`` stays the stdlib-compatible pool. Both run tasks."""
+    import multiprocessing.pool
+
+    import aioshm.multiprocessing as amp
+
+    ctx = aioshm.get_context("spawn")
+    assert ctx.get_context("forkserver") is aioshm.get_context("forkserver")
+    assert ctx.get_start_method() == "spawn"
+    with aioshm.get_context().Pool(1) as pool:
+        assert type(pool) is aioshm.Pool
+        assert pool._ctx.get_start_method() == aioshm.DEFAULT_START_METHOD
+        assert pool.apply(targets.square, (3,)) == 9
+    with amp.get_context("forkserver").Pool(1) as stdlib_pool:
+        assert isinstance(stdlib_pool, multiprocessing.pool.Pool)
+        assert not isinstance(stdlib_pool, aioshm.Pool)
+        assert stdlib_pool.apply(targets.square, (4,)) == 16
+    with pytest.raises(ValueError, match="nope"):
+        aioshm.get_context("nope")
+
+
+@pytest.mark.timeout(60)
+def test_worker_deaths_and_a_broken_pool_are_logged(
+    caplog: pytest.LogCaptureFixture, fifos: Callable[[], Fifo]
+) -> None:
+    """A worker death (and its replacement) is a WARNING of the ``aioshm`` logger, a broken
+    pool an ERROR; the library installs no handler."""
+    import logging
+
+    assert logging.getLogger("aioshm").handlers == []
+    caplog.set_level(logging.INFO, logger="aioshm")
+    pool = aioshm.Pool(1)
+    try:
+        pid = pool.apply(targets.getpid)
+        kill_and_wait(pool, {pid})
+        assert pool.apply(targets.getpid) != pid
+    finally:
+        shut(pool)
+    deaths = [r for r in caplog.records if r.name == "aioshm" and str(pid) in r.getMessage()]
+    assert len(deaths) == 1 and deaths[0].levelno == logging.WARNING
+    assert "SIGKILL" in deaths[0].getMessage() and "replacing it" in deaths[0].getMessage()
+    caplog.clear()
+    fifo = fifos()
+    pool = aioshm.Pool(1, initializer=targets.failing_initializer, initargs=(fifo.path,))
+    try:
+        with pytest.raises(aioshm.BrokenPool):
+            pool.apply(targets.square, (1,))
+    finally:
+        shut(pool)
+    levels = [r.levelno for r in caplog.records if r.name == "aioshm"]
+    assert levels.count(logging.ERROR) == 1
+    assert levels.count(logging.WARNING) == STARTUP_FAILURES

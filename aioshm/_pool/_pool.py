@@ -70,28 +70,23 @@ from .._transport._waits import (
 )
 from ._drivers import PoolDrivers, _Waiter
 from ._results import AsyncResult, PoolStatistics
+from ._scheduler import (
+    DEPTH,
+    SendAhead,
+    StartupRule,
+    batch_limit,
+    blame_and_requeue,
+    pick_worker,
+)
 from ._worker import SWEEP, TaskCounter, worker_main
 
 __all__ = ("Pool",)
 
-#: Tasks sent ahead to one worker (the first runs, the rest wait in its channel): at least
-#: DEPTH, and up to MAX_DEPTH while tasks are short, so that about AHEAD seconds of work wait
-#: in each worker's channel. Short tasks then never leave a worker idle waiting for the next
-#: one (nor the parent waking it for each), and a task that turns out long holds up at most
-#: that much work queued behind it. The task time is a decaying maximum: one long task drops
-#: the depth back to DEPTH at once, and it grows again over the next few dozen results.
-DEPTH: Final = 2
-MAX_DEPTH: Final = 32
-AHEAD: Final = 0.002
 #: Small tasks without fds are sent to a worker together, up to about this many bytes per record.
 BATCH_BYTES: Final = 16 * 1024
 #: Seconds a ``run_sync`` worker may stay idle before it is retired (anyio's value).
 WORKER_MAX_IDLE_TIME: Final = 300.0
 GRACE_PERIOD: Final = 2.0
-#: Workers that die at start-up this many times in a row (before any worker reached its task
-#: loop) break the pool: every pending and later task fails with ``BrokenPool``.
-STARTUP_FAILURES: Final = 3
-
 #: Worker deaths, replacements and broken pools are logged here (no handler installed).
 log = logging.getLogger("aioshm")
 
@@ -238,8 +233,7 @@ class Pool(PoolDrivers):
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._generation = 0
-        self._depth = DEPTH  # tasks in flight per worker (see DEPTH)
-        self._task_time = AHEAD  # decaying maximum of recent task times (seconds)
+        self._ahead = SendAhead()  # tasks in flight per worker
         self._tasks_done = 0
         self._replaced = 0
         self._woken = False  # a byte is in the wake-up pipe
@@ -255,7 +249,7 @@ class Pool(PoolDrivers):
         self._watch_idle = 0  # its callbacks since the last such task left
         self._waiter_key: tuple[int, list[tuple[int, int]]] | None = None
         self._lazy = _lazy  # run_sync's pool starts workers on demand
-        self._startup_deaths = 0  # workers dead at start-up since one last got through it
+        self._startup = StartupRule()  # workers dead at start-up since one got through it
         self._broken: tuple[str, BaseException, str] | None = None  # (why, cause, traceback)
         self._guard: Any = None
         _pools.add(self)
@@ -401,14 +395,6 @@ class Pool(PoolDrivers):
             self._start_worker()
 
     def _read_results(self, worker: _Worker) -> None:
-        task_time = self._task_time
-        try:
-            self._read_results_into(worker)
-        finally:
-            if self._task_time != task_time:
-                self._depth = max(DEPTH, min(MAX_DEPTH, int(AHEAD / max(self._task_time, 1e-6))))
-
-    def _read_results_into(self, worker: _Worker) -> None:
         results = worker.results
         while not results.closed:
             try:
@@ -429,13 +415,12 @@ class Pool(PoolDrivers):
                 worker.init_error = (_remote_error(original, type_name, tb_text), str(tb_text))
                 continue
             worker.finished += 1
-            self._startup_deaths = 0  # a worker got through its start-up
+            self._startup.got_through()
             job = worker.inflight.popleft() if worker.inflight else None
             now = time.monotonic()
             if job is not None:
                 # it ran from when it was sent, or from the previous result if it was queued
-                took = now - max(job.sent_at, worker.idle_since)
-                self._task_time = max(took, self._task_time * 0.9)
+                self._ahead.took(now - max(job.sent_at, worker.idle_since))
             worker.idle_since = now
             if msg is None:
                 if job is not None:
@@ -470,10 +455,8 @@ class Pool(PoolDrivers):
             and self._broken is None
         )
         if worker.taken.started:
-            self._startup_deaths = 0
-        elif startup_death:
-            self._startup_deaths += 1
-        breaking = startup_death and self._startup_deaths >= STARTUP_FAILURES
+            self._startup.got_through()
+        breaking = startup_death and self._startup.died_at_startup()
         if startup_death or (
             exitcode not in (0, None) and self._state == "RUN" and not worker.stopping
         ):
@@ -489,9 +472,19 @@ class Pool(PoolDrivers):
             log.info(
                 "pool worker %s (pid %s) stopped; replacing it", worker.proc.name, worker.proc.pid
             )
-        if worker.inflight and worker.taken.value > worker.finished:
-            # it took its oldest task off the channel, so it died running that one
-            running = worker.inflight.popleft()
+        running, requeued, dropped = blame_and_requeue(
+            worker.inflight,
+            worker.taken.value,
+            worker.finished,
+            self._pending,
+            lambda job: job.abandoned,  # cancelled ones are dropped
+        )
+        for job in requeued:  # they never started: sent elsewhere
+            job.worker = None
+        for job in dropped:
+            job.worker = None
+            self._jobs.pop(job.id, None)
+        if running is not None:  # it died running its oldest task
             name = signal_name_of(exitcode) if exitcode is not None else None
             what = f"signal {name}" if name else f"exit code {exitcode}"
             error = ProcessExitedException(
@@ -506,14 +499,6 @@ class Pool(PoolDrivers):
             self._replaced += 1
         elif exitcode not in (0, None) and self._state == "RUN":
             self._replaced += 1
-        # tasks queued behind it never started: send them elsewhere (cancelled ones are dropped)
-        for job in reversed(worker.inflight):
-            job.worker = None
-            if job.abandoned:
-                self._jobs.pop(job.id, None)
-            else:
-                self._pending.appendleft(job)
-        worker.inflight.clear()
         self._remove_worker(worker)
         _close_popen(worker.proc)
         if breaking:
@@ -521,7 +506,7 @@ class Pool(PoolDrivers):
 
     def _break(self, worker: _Worker, exitcode: int | None) -> None:
         """Give up (the broken-pool rule): fail every task, stop the workers left, start none."""
-        n = self._startup_deaths
+        n = self._startup.deaths
         if worker.init_error is not None:
             cause, tb_text = worker.init_error
             why = (
@@ -566,7 +551,7 @@ class Pool(PoolDrivers):
         pending = self._pending
         if not pending:
             return
-        depth = self._depth
+        depth = self._ahead.depth
         ready = [
             w
             for w in self._workers
@@ -577,15 +562,11 @@ class Pool(PoolDrivers):
             and not w.tasks.closed
         ]
         while pending and ready:
-            worker = ready[0]
-            for w in ready:
-                if len(w.inflight) < len(worker.inflight):
-                    worker = w
-            room = depth - len(worker.inflight)
-            if worker.budget is not None:
-                room = min(room, worker.budget)
-            # leave the other ready workers their share of what is pending
-            if not self._send_batch(worker, min(room, -(-len(pending) // len(ready)))):
+            worker = ready[pick_worker([len(w.inflight) for w in ready])]
+            limit = batch_limit(
+                len(worker.inflight), depth, worker.budget, len(pending), len(ready)
+            )
+            if not self._send_batch(worker, limit):
                 ready.remove(worker)  # its channel is full
                 continue
             if len(worker.inflight) >= depth or worker.budget == 0:
@@ -663,7 +644,7 @@ class Pool(PoolDrivers):
             if (
                 self._pending
                 and not worker.tasks.closed
-                and len(worker.inflight) < self._depth
+                and len(worker.inflight) < self._ahead.depth
                 and worker.budget != 0
                 and not worker.stopping
             ):
