@@ -58,6 +58,7 @@ from .._exceptions import (
     PoolClosed,
     ProcessExitedException,
     ProcessRaisedException,
+    ProtocolError,
     RemoteTraceback,
     TaskCancelled,
     signal_name_of,
@@ -68,6 +69,7 @@ from .._transport._waits import (
     LoopWatch,
     MultiWait,
 )
+from .._wire._pool import SWEEP, decode_result
 from ._drivers import PoolDrivers, _Waiter
 from ._results import AsyncResult, PoolStatistics
 from ._scheduler import (
@@ -78,7 +80,7 @@ from ._scheduler import (
     blame_and_requeue,
     pick_worker,
 )
-from ._worker import SWEEP, TaskCounter, worker_main
+from ._worker import TaskCounter, worker_main
 
 __all__ = ("Pool",)
 
@@ -407,12 +409,12 @@ class Pool(PoolDrivers):
             if got is None:
                 return
             try:
-                msg = worker.results.decode(*got)
-            except Exception as exc:
+                msg = decode_result(worker.results.decode(*got))
+            except Exception as exc:  # unpicklable here, or no valid record (ProtocolError)
                 msg, bad = None, exc
-            if msg is not None and msg[0] == "init-failed":  # no task's result: it exits now
-                _, _, original, type_name, tb_text = msg
-                worker.init_error = (_remote_error(original, type_name, tb_text), str(tb_text))
+            if msg is not None and msg.tag == "init-failed":  # no task's result: it exits now
+                error = _remote_error(msg.value, msg.type_name, msg.traceback)
+                worker.init_error = (error, msg.traceback)
                 continue
             worker.finished += 1
             self._startup.got_through()
@@ -427,11 +429,14 @@ class Pool(PoolDrivers):
                     self._complete(job, None, bad)
             else:
                 if job is not None:
-                    if msg[0] == "ok":
-                        self._complete(job, msg[2], None)
+                    if msg.job_id is not None and msg.job_id != job.id:
+                        why = f"a pool worker answered job {msg.job_id} for job {job.id}"
+                        self._complete(job, None, ProtocolError(why))
+                    elif msg.tag == "ok":
+                        self._complete(job, msg.value, None)
                     else:
-                        _, _, original, type_name, tb_text = msg
-                        self._complete(job, None, _remote_error(original, type_name, tb_text))
+                        error = _remote_error(msg.value, msg.type_name, msg.traceback)
+                        self._complete(job, None, error)
             if worker.inflight and worker.inflight[0].abandoned and not worker.stopping:
                 # the next task it runs was cancelled by its awaiter: stop the worker
                 worker.stopping = True

@@ -43,12 +43,11 @@ from typing import Any
 
 from .. import _procutil, _reduction
 from .._connection import RecordChannel, anon_fd
+from .._exceptions import ProtocolError
 from .._shm import _segment
+from .._wire._pool import SWEEP, decode_task
 
-__all__ = ("SWEEP", "TaskCounter", "worker_main")
-
-#: A record that is no pickle (those start with b"\x80") and no spill header: "sweep".
-SWEEP = b"\x00sweep"
+__all__ = ("TaskCounter", "worker_main")
 
 
 class TaskCounter:
@@ -145,7 +144,7 @@ def worker_main(
         if batch:
             taken.bump()  # from here on, a death is this task's fault
             try:
-                task = _reduction.loads(batch.popleft(), [])
+                task = decode_task(_reduction.loads(batch.popleft(), []))
             except Exception as exc:  # the task could not be rebuilt here
                 _send_raised(results, None, exc, "bad-task")
                 done += 1
@@ -162,8 +161,11 @@ def worker_main(
             try:
                 task = tasks.decode(*record)
                 if type(task) is list:  # a batch: run its tasks in order
+                    if not task or not all(type(p) is bytes for p in task):
+                        raise ProtocolError("a pool task batch is a list of pickled tasks")
                     batch.extend(task)
                     task = _reduction.loads(batch.popleft(), [])
+                task = decode_task(task)
             except Exception as exc:  # the task could not be rebuilt here
                 _send_raised(results, None, exc, "bad-task")
                 done += 1
@@ -171,7 +173,10 @@ def worker_main(
             del record
         if task is None:
             return
-        job_id, fn, args, kwds = task
+        job_id: Any = task.job_id
+        fn: Any = task.fn
+        args: Any = task.args
+        kwds: Any = task.kwds
         task = None
         try:
             value = fn(*args, **kwds)
