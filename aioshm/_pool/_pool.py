@@ -417,7 +417,8 @@ class Pool(PoolDrivers):
                 worker.init_error = (error, msg.traceback)
                 continue
             worker.finished += 1
-            self._startup.got_through()
+            if self._startup.deaths:
+                self._startup.got_through()
             job = worker.inflight.popleft() if worker.inflight else None
             now = time.monotonic()
             if job is not None:

@@ -29,6 +29,7 @@ Pure: no I/O, no processes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Final, NamedTuple
 
 from .._exceptions import ProtocolError
@@ -73,6 +74,10 @@ class Result(NamedTuple):
     traceback: str = ""
 
 
+#: ``Result(...)`` without NamedTuple's Python-level ``__new__`` (one result per task)
+_new_result: Callable[[type[Result], tuple[Any, ...]], Result] = tuple.__new__
+
+
 def decode_task(msg: object) -> Task | None:
     """The task ``msg`` carries, or None (:data:`EXIT`); ``ProtocolError`` if it is neither."""
     if msg is None:
@@ -108,7 +113,7 @@ def decode_result(msg: object) -> Result:
             raise ProtocolError(f"an 'ok' pool result has 3 fields, not {len(msg)}")
         if type(msg[1]) is not int:
             raise ProtocolError(f"an 'ok' pool result's job id is {type(msg[1]).__name__}")
-        return Result("ok", msg[1], msg[2])
+        return _new_result(Result, ("ok", msg[1], msg[2], "", ""))  # Result(...), faster
     if type(tag) is not str or tag not in RESULT_TAGS:
         raise ProtocolError(f"unknown pool result tag {tag!r}"[:200])
     if len(msg) != 5:
