@@ -40,6 +40,8 @@ class PoolAPI:
     _IMAP_AHEAD = 2
 
     _state: str  # "RUN", then "CLOSE" or "TERMINATE"
+    #: why the pool gave up (see ``Pool._break``), None while it has not
+    _broken: object = None
 
     def __reduce__(self) -> Any:
         raise NotImplementedError("pool objects cannot be passed between processes or pickled")
@@ -47,8 +49,9 @@ class PoolAPI:
     def _check_running(self) -> None:
         if self._state != "RUN":
             raise ValueError("Pool not running")
-        error = self._broken_error()
-        if error is not None:
+        if self._broken is not None:
+            error = self._broken_error()
+            assert error is not None
             raise error
 
     def _broken_error(self) -> BrokenPool | None:

@@ -318,9 +318,8 @@ class Pool(PoolDrivers):
     ) -> None:
         job = _Job(fn, args, kwds, result, index, cancellable)
         with self._mutex:
-            error = self._broken_error()
-            if error is not None:  # e.g. an imap's next chunk
-                result._finish(None, error)
+            if self._broken is not None:  # e.g. an imap's next chunk
+                result._finish(None, self._broken_error())
                 return
             self._jobs[job.id] = job
             result._jobs.add(job)

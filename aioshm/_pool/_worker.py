@@ -160,9 +160,9 @@ def worker_main(
             taken.bump()  # from here on, a death is this (or the batch's first) task's fault
             try:
                 task = tasks.decode(*record)
-                if type(task) is list:  # a batch: run its tasks in order
-                    if not task or not all(type(p) is bytes for p in task):
-                        raise ProtocolError("a pool task batch is a list of pickled tasks")
+                if type(task) is list:  # a batch: run its tasks in order (loads checks each)
+                    if not task:
+                        raise ProtocolError("an empty pool task batch")
                     batch.extend(task)
                     task = _reduction.loads(batch.popleft(), [])
                 task = decode_task(task)

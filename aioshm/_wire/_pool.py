@@ -74,14 +74,21 @@ class Result(NamedTuple):
     traceback: str = ""
 
 
-#: ``Result(...)`` without NamedTuple's Python-level ``__new__`` (one result per task)
+#: ``Result(...)`` and ``Task(...)`` without NamedTuple's Python-level ``__new__`` (one of
+#: each per task)
 _new_result: Callable[[type[Result], tuple[Any, ...]], Result] = tuple.__new__
+_new_task: Callable[[type[Task], tuple[Any, ...]], Task] = tuple.__new__
 
 
 def decode_task(msg: object) -> Task | None:
     """The task ``msg`` carries, or None (:data:`EXIT`); ``ProtocolError`` if it is neither."""
     if msg is None:
         return None
+    if type(msg) is tuple and len(msg) == 4:  # the common case, checked cheaply
+        job_id, fn, args, kwds = msg
+        simple = type(job_id) is int and type(args) is tuple and type(kwds) is dict
+        if simple and not kwds and callable(fn):
+            return _new_task(Task, msg)
     if type(msg) is not tuple or len(msg) != 4:
         raise ProtocolError(f"a pool task record is a 4-tuple, not {_shape(msg)}")
     job_id, fn, args, kwds = msg
