@@ -18,9 +18,10 @@ from typing import Any
 from . import _procutil, _reduction
 from ._connection import Connection, Pipe
 from ._context import DEFAULT_START_METHOD
-from ._context import concrete_contexts as _concrete_contexts
+from ._context import async_contexts as _async_contexts
 from ._exceptions import (
     AioshmError,
+    BrokenPool,
     FdLimitError,
     InvalidHandle,
     PoolClosed,
@@ -62,6 +63,7 @@ __all__ = (
     "AsyncProcessContext",
     "AsyncResult",
     "Backend",
+    "BrokenPool",
     "Connection",
     "FdLimitError",
     "InvalidHandle",
@@ -126,12 +128,12 @@ _LAZY_BACKEND = {
     "local_backend": "local_backend",
 }
 _LAZY_POOL = {
-    "AsyncResult": "AsyncResult",
-    "Pool": "Pool",
-    "PoolStatistics": "PoolStatistics",
-    "ProgressEvent": "ProgressEvent",
-    "run_sync": "run_sync",
-    "current_default_pool": "current_default_pool",
+    "AsyncResult": "_results",
+    "Pool": "_pool",
+    "PoolStatistics": "_results",
+    "ProgressEvent": "_results",
+    "run_sync": "_run_sync",
+    "current_default_pool": "_run_sync",
 }
 
 
@@ -154,9 +156,9 @@ def __getattr__(name: str) -> Any:
         globals()[name] = RayBackend
         return RayBackend
     if name in _LAZY_POOL:
-        from . import _apool
+        import importlib
 
-        value = getattr(_apool, _LAZY_POOL[name])
+        value = getattr(importlib.import_module(f"aioshm._pool.{_LAZY_POOL[name]}"), name)
         globals()[name] = value
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -179,7 +181,10 @@ def get_context(method: str | None = None) -> Any:
 
     Its ``Process``, ``Queue``, ``Pipe``, ``Pool``… build aioshm objects with awaitable twins.
     """
-    return _concrete_contexts[method or DEFAULT_START_METHOD]
+    try:
+        return _async_contexts[method or DEFAULT_START_METHOD]
+    except KeyError:
+        raise ValueError(f"cannot find context for {method!r}") from None
 
 
 #: ``aioshm.Process(target=f, args=…)``: a process of the async face's default start method.

@@ -132,14 +132,14 @@ class LocalBackend:
         initargs: Sequence[object] = (),
         maxtasksperchild: int | None = None,
     ) -> Any:
-        from ._apool import Pool
+        from ._pool._pool import Pool
 
         return Pool(processes, initializer, initargs, maxtasksperchild)
 
     async def run_sync(
         self, fn: Callable[..., Any], *args: Any, cancellable: bool = False, limiter: Any = None
     ) -> Any:
-        from ._apool import run_sync
+        from ._pool._run_sync import run_sync
 
         return await run_sync(fn, *args, cancellable=cancellable, limiter=limiter)
 

@@ -17,7 +17,13 @@ from . import _process
 from ._connection import Connection
 from ._connection import Pipe as _Pipe
 
-__all__ = ("DEFAULT_START_METHOD", "DefaultContext", "concrete_contexts", "default_context")
+__all__ = (
+    "DEFAULT_START_METHOD",
+    "DefaultContext",
+    "async_contexts",
+    "concrete_contexts",
+    "default_context",
+)
 
 #: The async face's default start method: forking a process that runs an event loop (and
 #: threads) is unsafe, and the fork server (with numpy and aioshm preloaded) starts fast.
@@ -67,7 +73,7 @@ class _AioshmMixin:
         maxtasksperchild: int | None = None,
     ) -> Any:
         """A process pool whose tasks and results carry arrays as shared-memory handles."""
-        from ._pool import Pool
+        from ._pool._stdlib import Pool
 
         return Pool(processes, initializer, initargs, maxtasksperchild, context=self.get_context())
 
@@ -90,6 +96,41 @@ if "fork" in _mp_context._concrete_contexts:
     concrete_contexts["fork"] = ForkContext()
 if "forkserver" in _mp_context._concrete_contexts:
     concrete_contexts["forkserver"] = ForkServerContext()
+
+
+class _AsyncFaceMixin:
+    """The async face's contexts (``aioshm.get_context``): the classes of the sync face's,
+    except that ``Pool`` builds :class:`aioshm.Pool`, not the stdlib-compatible pool that
+    ``aioshm.multiprocessing.get_context(m).Pool`` builds."""
+
+    def get_context(self, method: str | None = None) -> Any:
+        if method is None:
+            return self
+        try:
+            ctx = async_contexts[method]
+        except KeyError:
+            raise ValueError(f"cannot find context for {method!r}") from None
+        ctx._check_available()
+        return ctx
+
+    def Pool(
+        self,
+        processes: int | None = None,
+        initializer: Any = None,
+        initargs: tuple[Any, ...] = (),
+        maxtasksperchild: int | None = None,
+    ) -> Any:
+        """:class:`aioshm.Pool` (awaitable results, no helper threads) on this start method."""
+        from ._pool._pool import Pool
+
+        return Pool(processes, initializer, initargs, maxtasksperchild, context=self)
+
+
+#: the async face's contexts, one per start method (see _AsyncFaceMixin)
+async_contexts: dict[str, Any] = {
+    name: type(f"Async{type(ctx).__name__}", (_AsyncFaceMixin, type(ctx)), {})()
+    for name, ctx in concrete_contexts.items()
+}
 
 
 class DefaultContext(_AioshmMixin, _mp_context.DefaultContext):

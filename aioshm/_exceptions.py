@@ -10,6 +10,7 @@
     ├── ProtocolError                            a peer sent a frame that breaks the wire protocol
     ├── QueueShutDown                            the queue was shut down (raised in every waiter)
     ├── PoolClosed(ValueError)                   work was pending in a pool that was terminated
+    ├── BrokenPool                               a pool gave up: its workers kept dying at start-up
     ├── TaskCancelled                            a pool task was killed because its await was cancelled
     └── ProcessException                         torch's: a child process failed (error_index, pid)
         ├── ProcessRaisedException               the child raised; the remote traceback is in the message
@@ -29,6 +30,7 @@ import signal
 
 __all__ = (
     "AioshmError",
+    "BrokenPool",
     "FdLimitError",
     "InvalidHandle",
     "PoolClosed",
@@ -106,6 +108,27 @@ class QueueShutDown(AioshmError):
 
 class PoolClosed(AioshmError, ValueError):
     """A pool was terminated (or its event loop ended) while this task was still pending."""
+
+
+class BrokenPool(AioshmError):
+    """A pool gave up: its workers kept dying before they could take a task.
+
+    Raised by every task pending in the pool and every later one, instead of restarting
+    workers for ever. Typical causes: a script that starts a pool without an
+    ``if __name__ == "__main__":`` guard, a main module that workers cannot import (read from
+    stdin), an ``initializer`` that raises. ``__cause__`` is the last worker's failure: its
+    exception with the remote traceback when it raised, else a ``ProcessExitedException``;
+    ``remote_traceback`` holds that traceback's text ("" when the worker died before it could
+    send one: then it printed it to its own stderr).
+    """
+
+    def __init__(self, msg: str, remote_traceback: str = "") -> None:
+        super().__init__(msg)
+        self.msg = msg
+        self.remote_traceback = remote_traceback
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.msg, self.remote_traceback))
 
 
 class TaskCancelled(AioshmError):

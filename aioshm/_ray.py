@@ -109,7 +109,6 @@ import anyio
 import anyio.lowlevel
 import numpy as np
 
-from ._apool import AsyncResult, PoolAPI
 from ._exceptions import (
     PoolClosed,
     ProcessExitedException,
@@ -118,6 +117,8 @@ from ._exceptions import (
     RemoteTraceback,
     TaskCancelled,
 )
+from ._pool._api import PoolAPI
+from ._pool._results import AsyncResult
 
 # Ray ships inline types (py.typed) that mypy would analyse in full; it is used untyped here.
 ray: Any = importlib.import_module("ray")

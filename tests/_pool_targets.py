@@ -236,3 +236,12 @@ def mapped_keys(_: object = None) -> list[tuple[int, int]]:
     from aioshm import _shm
 
     return [s.key for s in _shm.live_segments()]
+
+
+# -------------------------------------------------------------------------- start-up failures
+
+
+def failing_initializer(fifo: str) -> None:
+    """A pool ``initializer`` that reports its pid, then raises."""
+    tell(fifo, str(os.getpid()))
+    raise ValueError("this initializer always fails")

@@ -27,6 +27,7 @@ import json
 import multiprocessing
 import multiprocessing.connection
 import os
+import pickle
 import random
 import select
 import signal
@@ -61,7 +62,8 @@ from aioshm import (
     RemoteTraceback,
     TaskCancelled,
 )
-from aioshm._apool import ProgressEvent, current_default_pool
+from aioshm._pool._results import ProgressEvent
+from aioshm._pool._run_sync import current_default_pool
 
 WAIT = 30.0  # the bound on every awaited or blocking section: nothing hangs
 
@@ -406,7 +408,7 @@ def test_terminate_fails_pending_with_pool_closed(fifos: Callable[[], Fifo]) -> 
         pid = int(fifo.line())
         t0 = time.monotonic()
         pool.terminate()
-        assert time.monotonic() - t0 < aioshm._apool.GRACE_PERIOD + 2
+        assert time.monotonic() - t0 < aioshm._pool._pool.GRACE_PERIOD + 2
         for r in [running, *queued, mapped]:
             assert r.ready()
             with pytest.raises(PoolClosed, match="terminated"):
@@ -520,7 +522,7 @@ def test_statistics(fifos: Callable[[], Fifo]) -> None:
         pid = int(fifo.line())
         s = pool.statistics()
         assert (s.idle_workers, s.busy_workers, s.tasks_running) == (0, 1, 1)
-        assert s.tasks_pending == 3 - (aioshm._apool.DEPTH - 1)
+        assert s.tasks_pending == 3 - (aioshm._pool._scheduler.DEPTH - 1)
         assert s.tasks_done == 0
         gate.open_gate()
         assert blocked.get(timeout=WAIT) == 1
@@ -676,7 +678,7 @@ def test_batched_tasks_keep_per_task_failures(fifos: Callable[[], Fifo]) -> None
         ]
         assert len(pool._pending) == len(rest)
         with pool._mutex:  # room for all of them behind the gated two: one record
-            pool._depth = 8
+            pool._ahead.depth = 8
             pool._dispatch()
         assert sent[-1] == len(rest)
         gate.open_gate(2)
@@ -955,7 +957,9 @@ async def test_results_are_asyncio_futures(anyio_backend: Any) -> None:
 async def test_wait_for_a_result_cancels_it(anyio_backend: Any, fifos: Callable[[], Fifo]) -> None:
     """``asyncio.wait_for(result, t)`` cancels the result on timeout, as cancelling an await
     would: a ``cancellable`` task's worker is killed and replaced; any other task runs on and
-    its result is discarded. The pool stays usable."""
+    its result is discarded. The pool stays usable. The same through ``asyncio.timeout()``,
+    which is what ``wait_for`` is built on since Python 3.12 (it no longer calls ``cancel()``
+    on what it awaits; the result is cancelled because its awaiting task was)."""
     import asyncio
 
     _asyncio_only(anyio_backend)
@@ -982,6 +986,26 @@ async def test_wait_for_a_result_cancels_it(anyio_backend: Any, fifos: Callable[
             gate.open_gate()
             assert await pool.apply_async(targets.getpid) == pid2  # the same worker, alive
             assert not keep.cancel()  # done already
+            assert await fifo.aline() == f"done {pid2}"
+
+            # Python 3.12+'s wait_for, on any Python
+            r = pool.apply_async(targets.announce_and_block, (fifo.path,), cancellable=True)
+            pid3 = int(await fifo.aline())
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.05):
+                    await r
+            assert r.cancelled() and r.done()
+            assert gone(pid3)
+            keep = pool.apply_async(targets.announce_and_wait, (fifo.path, gate.path, "ran"))
+            pid4 = int(await fifo.aline())
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.05):
+                    await keep
+            assert keep.cancelled()
+            with pytest.raises(asyncio.CancelledError):
+                keep.result()
+            gate.open_gate()
+            assert await pool.apply_async(targets.getpid) == pid4
 
 
 @ASYNC
@@ -1206,9 +1230,9 @@ async def test_cancellable_task_kills_its_worker(how: str, fifos: Callable[[], F
                     await anyio.lowlevel.checkpoint()
                     tg.cancel_scope.cancel()
             # terminate (the worker does not ignore SIGTERM) -- well within the grace period
-            assert time.monotonic() - t0 < aioshm._apool.GRACE_PERIOD + 1
+            assert time.monotonic() - t0 < aioshm._pool._pool.GRACE_PERIOD + 1
             assert gone(pid)
-            assert result.ready()
+            assert result.ready() and result.cancelled()
             with pytest.raises(TaskCancelled):
                 result.get(timeout=0)
             new = worker_pids(pool)
@@ -1290,7 +1314,11 @@ async def test_not_cancellable_task_runs_on(fifos: Callable[[], Fifo]) -> None:
             assert scope.cancelled_caught
             assert not gone(pid)
             assert psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-            assert not result.ready()
+            # the result is cancelled (as a future awaited by a cancelled task), the task
+            # runs on and its value is discarded
+            assert result.ready() and result.cancelled()
+            with pytest.raises(TaskCancelled):
+                result.get(0)
             following = pool.apply_async(targets.getpid)
             gate.open_gate()
             assert await fifo.aline() == f"done {pid}"
@@ -1321,7 +1349,7 @@ async def test_terminate_async_fails_pending_awaits(fifos: Callable[[], Fifo]) -
                 pid = int(await fifo.aline())
                 t0 = time.monotonic()
                 await pool.terminate_async()
-            assert time.monotonic() - t0 < aioshm._apool.GRACE_PERIOD + 2
+            assert time.monotonic() - t0 < aioshm._pool._pool.GRACE_PERIOD + 2
             assert all(isinstance(o, PoolClosed) for o in outcomes.values()), outcomes
             assert len(outcomes) == len(results)
             assert gone(pid)
@@ -1441,16 +1469,16 @@ async def test_a_long_task_brings_the_send_ahead_depth_back_to_the_minimum() -> 
     """Short tasks are sent ahead (how far depends on their speed: the benchmark shows it);
     one task longer than the look-ahead budget brings the depth back to the minimum at once,
     so at most a budget's worth of work waits behind an unexpectedly long task."""
-    from aioshm._apool import AHEAD, DEPTH, MAX_DEPTH
+    from aioshm._pool._scheduler import AHEAD, DEPTH, MAX_DEPTH
 
     async with apool(1) as pool:
         with anyio.fail_after(WAIT):
             assert await pool.map_async(targets.square, range(400), chunksize=1) == [
                 i * i for i in range(400)
             ]
-            assert DEPTH <= pool._depth <= MAX_DEPTH
+            assert DEPTH <= pool._ahead.depth <= MAX_DEPTH
             assert await pool.apply_async(targets.slow_square, (2, 20 * AHEAD)) == 4
-            assert pool._depth == DEPTH
+            assert pool._ahead.depth == DEPTH
 
 
 # =========================================================================== no threads
@@ -1636,7 +1664,7 @@ def test_run_sync_default_pool_stops_at_loop_end() -> None:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(aioshm.run_sync, targets.getpid)
                 tg.start_soon(aioshm.run_sync, targets.getpid)
-            from aioshm._apool import current_default_pool
+            from aioshm._pool._run_sync import current_default_pool
             return sorted({{w.proc.pid for w in current_default_pool()._workers}} | set(pids))
 
         report = {{}}
@@ -1660,3 +1688,265 @@ def test_run_sync_default_pool_stops_at_loop_end() -> None:
     for backend in ("asyncio", "trio"):
         assert report[backend]["pids"], report
         assert report[backend]["alive"] == [], report
+
+
+# =========================================================================== the broken-pool rule
+
+STARTUP_FAILURES = aioshm._pool._scheduler.STARTUP_FAILURES
+
+
+def _fifo_lines(fifo: Fifo) -> list[str]:
+    """Every complete line written to ``fifo`` so far (non-blocking)."""
+    fifo._read_some()
+    lines = []
+    while (line := fifo._take_line()) is not None:
+        lines.append(line)
+    return lines
+
+
+def _check_broken(error: BaseException, pids: list[str], processes: int) -> None:
+    assert isinstance(error, aioshm.BrokenPool), repr(error)
+    assert isinstance(error, aioshm.AioshmError)
+    assert "initializer raised ValueError" in str(error)
+    cause = error.__cause__
+    assert isinstance(cause, ValueError) and "always fails" in str(cause)
+    assert isinstance(cause.__cause__, RemoteTraceback)
+    assert "failing_initializer" in error.remote_traceback
+    # bounded restarts: the rule, plus the workers that were starting when it broke
+    assert STARTUP_FAILURES <= len(pids) < STARTUP_FAILURES + processes
+    again = pickle.loads(pickle.dumps(error))
+    assert type(again) is aioshm.BrokenPool
+    assert (again.msg, again.remote_traceback) == (error.msg, error.remote_traceback)
+
+
+@pytest.mark.timeout(60)
+def test_initializer_that_raises_breaks_the_pool_blocking(fifos: Callable[[], Fifo]) -> None:
+    """An initializer that always raises: after STARTUP_FAILURES worker deaths in a row the
+    pool gives up; pending and later tasks raise BrokenPool (cause: the initializer's
+    exception with its remote traceback) and no worker is started any more."""
+    fifo = fifos()
+    pool = aioshm.Pool(2, initializer=targets.failing_initializer, initargs=(fifo.path,))
+    try:
+        pending = [pool.apply_async(targets.square, (i,)) for i in range(5)]
+        with pytest.raises(aioshm.BrokenPool) as info:
+            pool.map(targets.square, range(10))
+        for result in pending:
+            with pytest.raises(aioshm.BrokenPool):
+                result.get(WAIT)
+        with pytest.raises(aioshm.BrokenPool):
+            pool.apply_async(targets.square, (1,))
+        pool.close()
+        pool.join()  # the workers left were stopped
+        assert not pool._workers
+        _check_broken(info.value, _fifo_lines(fifo), 2)
+    finally:
+        shut(pool)
+
+
+@ASYNC
+@pytest.mark.timeout(60)
+async def test_initializer_that_raises_breaks_the_pool(fifos: Callable[[], Fifo]) -> None:
+    """The same on the async face: every await ends with BrokenPool, none hangs."""
+    fifo = fifos()
+    async with apool(2, initializer=targets.failing_initializer, initargs=(fifo.path,)) as pool:
+        with anyio.fail_after(WAIT):
+            results = [pool.apply_async(targets.square, (i,)) for i in range(5)]
+            errors = [await settle(r) for r in results]
+            with pytest.raises(aioshm.BrokenPool):
+                await pool.map_async(targets.square, range(10))
+            with pytest.raises(aioshm.BrokenPool):
+                pool.apply_async(targets.square, (1,))
+            pool.close()
+            await pool.join_async()
+        assert not pool._workers
+        for error in errors:
+            assert isinstance(error, aioshm.BrokenPool)
+        _check_broken(errors[0], _fifo_lines(fifo), 2)
+
+
+def test_a_worker_that_gets_through_start_up_resets_the_count() -> None:
+    """Deaths of workers that had started (here: killed while idle) never break a pool."""
+    pool = aioshm.Pool(1)
+    try:
+        for _ in range(STARTUP_FAILURES + 1):
+            pid = pool.apply(targets.getpid)
+            kill_and_wait(pool, {pid})
+        assert pool.apply(targets.square, (4,)) == 16
+    finally:
+        shut(pool)
+
+
+_BROKEN_SCRIPT = """
+import json, sys
+sys.path.insert(0, {tests!r})
+import aioshm
+import _pool_targets as targets
+
+FACE, BACKEND = {face!r}, {backend!r}
+# no `if __name__ == "__main__":` guard: every worker re-runs this and dies at start-up
+report = {{}}
+
+
+def record(exc):
+    report.setdefault("errors", []).append(
+        [type(exc).__name__, str(exc), type(exc.__cause__).__name__]
+    )
+
+
+if FACE == "blocking":
+    pool = aioshm.Pool(2)
+    for _ in range(2):  # a later task fails at once too
+        try:
+            pool.apply(targets.square, (3,))
+        except aioshm.BrokenPool as exc:
+            record(exc)
+    pool.terminate()
+    pool.join()
+else:
+    import anyio
+
+    async def main():
+        with anyio.fail_after(30):
+            for _ in range(2):
+                try:
+                    if FACE == "pool":
+                        await pool.apply_async(targets.square, (3,))
+                    else:
+                        await aioshm.run_sync(targets.square, 3)
+                except aioshm.BrokenPool as exc:
+                    record(exc)
+            if FACE == "pool":
+                await pool.terminate_async()
+
+    if FACE == "pool":
+        pool = aioshm.Pool(2)
+    options = {{"use_uvloop": True}} if BACKEND == "uvloop" else {{}}
+    anyio.run(main, backend="trio" if BACKEND == "trio" else "asyncio", backend_options=options)
+print(json.dumps(report))
+"""
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize(
+    ("face", "backend"),
+    [
+        ("blocking", None),
+        ("pool", "asyncio"),
+        ("pool", "uvloop"),
+        ("pool", "trio"),
+        ("run_sync", "asyncio"),
+        ("run_sync", "uvloop"),
+        ("run_sync", "trio"),
+    ],
+)
+@pytest.mark.parametrize("trigger", ["no_main_guard", "main_from_stdin"])
+def test_workers_dying_at_start_up_break_the_pool(
+    tmp_path: Path, trigger: str, face: str, backend: str | None
+) -> None:
+    """A script without a main guard, or read from stdin: its workers die at start-up. The
+    pool (and run_sync's default pool) gives up after STARTUP_FAILURES deaths in a row, every
+    await and call raises BrokenPool, and stderr holds a bounded number of tracebacks."""
+    script = _BROKEN_SCRIPT.format(tests=str(TESTS_DIR), face=face, backend=backend)
+    path = tmp_path / "broken_main.py"
+    path.write_text(script)
+    if trigger == "no_main_guard":
+        args, stdin = [sys.executable, str(path)], None
+    else:
+        args, stdin = [sys.executable, "-"], script
+    proc = subprocess.run(
+        args, input=stdin, capture_output=True, text=True, timeout=60, cwd=tmp_path, check=False
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    errors = report["errors"]
+    assert len(errors) == 2, report
+    for name, message, cause in errors:
+        assert name == "BrokenPool"
+        assert "died at start-up" in message and "__main__" in message
+        assert cause == "ProcessExitedException"
+    processes = 2 if face != "run_sync" else os.cpu_count() or 1
+    tracebacks = proc.stderr.count("Traceback (most recent call last)")
+    assert STARTUP_FAILURES <= tracebacks < STARTUP_FAILURES + processes, proc.stderr[-3000:]
+    assert "the pool is broken" in proc.stderr  # logged once, at ERROR
+
+
+# =========================================================================== the cancel-kill race
+
+
+@ASYNC
+@pytest.mark.timeout(60)
+async def test_worker_replaced_by_a_blocking_call_is_watched_by_the_loop() -> None:
+    """Regression (CI once hung in ``test_cancellable_task_kills_its_worker[asyncio+uvloop]``):
+    a worker replaced while the event loop's watch of the pool's fds is started, by a step
+    that is not the loop's (there: ``result.get(timeout=0)`` right after the cancel), ate the
+    wake-up byte that told the loop to watch the new worker's fds; the next await then parked
+    on a watch of the dead worker's fds for ever. Here the replacement happens in a blocking
+    ``get`` between two awaits, with no loop iteration in between."""
+    async with apool(1) as pool:
+        with anyio.fail_after(WAIT):
+            pid = await pool.apply_async(targets.getpid)  # the loop now watches this worker
+            kill_and_wait(pool, {pid})
+            # blocking, in the loop's thread: reaps the worker, starts and uses a new one
+            new = pool.apply_async(targets.getpid).get(WAIT)
+            assert new != pid
+            assert await pool.apply_async(targets.getpid) == new
+            assert await pool.apply_async(targets.square, (5,)) == 25
+
+
+# =========================================================================== faces and logging
+
+
+@pytest.mark.timeout(60)
+def test_each_face_hands_out_its_own_pool() -> None:
+    """``aioshm.get_context(m).Pool`` builds ``aioshm.Pool``; ``aioshm.multiprocessing
+    .get_context(m).Pool`` stays the stdlib-compatible pool. Both run tasks."""
+    import multiprocessing.pool
+
+    import aioshm.multiprocessing as amp
+
+    ctx = aioshm.get_context("spawn")
+    assert ctx.get_context("forkserver") is aioshm.get_context("forkserver")
+    assert ctx.get_start_method() == "spawn"
+    with aioshm.get_context().Pool(1) as pool:
+        assert type(pool) is aioshm.Pool
+        assert pool._ctx.get_start_method() == aioshm.DEFAULT_START_METHOD
+        assert pool.apply(targets.square, (3,)) == 9
+    with amp.get_context("forkserver").Pool(1) as stdlib_pool:
+        assert isinstance(stdlib_pool, multiprocessing.pool.Pool)
+        assert not isinstance(stdlib_pool, aioshm.Pool)
+        assert stdlib_pool.apply(targets.square, (4,)) == 16
+    with pytest.raises(ValueError, match="nope"):
+        aioshm.get_context("nope")
+
+
+@pytest.mark.timeout(60)
+def test_worker_deaths_and_a_broken_pool_are_logged(
+    caplog: pytest.LogCaptureFixture, fifos: Callable[[], Fifo]
+) -> None:
+    """A worker death (and its replacement) is a WARNING of the ``aioshm`` logger, a broken
+    pool an ERROR; the library installs no handler."""
+    import logging
+
+    assert logging.getLogger("aioshm").handlers == []
+    caplog.set_level(logging.INFO, logger="aioshm")
+    pool = aioshm.Pool(1)
+    try:
+        pid = pool.apply(targets.getpid)
+        kill_and_wait(pool, {pid})
+        assert pool.apply(targets.getpid) != pid
+    finally:
+        shut(pool)
+    deaths = [r for r in caplog.records if r.name == "aioshm" and str(pid) in r.getMessage()]
+    assert len(deaths) == 1 and deaths[0].levelno == logging.WARNING
+    assert "SIGKILL" in deaths[0].getMessage() and "replacing it" in deaths[0].getMessage()
+    caplog.clear()
+    fifo = fifos()
+    pool = aioshm.Pool(1, initializer=targets.failing_initializer, initargs=(fifo.path,))
+    try:
+        with pytest.raises(aioshm.BrokenPool):
+            pool.apply(targets.square, (1,))
+    finally:
+        shut(pool)
+    levels = [r.levelno for r in caplog.records if r.name == "aioshm"]
+    assert levels.count(logging.ERROR) == 1
+    assert levels.count(logging.WARNING) == STARTUP_FAILURES

@@ -8,7 +8,12 @@ Protocol, one record per message on two SOCK_SEQPACKET channels of its own:
   last other holder");
 * worker → parent: ``("ok", job_id, value)`` or ``("raised", job_id, exc_or_None, type_name,
   traceback_text)``; ``("bad-task", None, None, type_name, traceback_text)`` when a task could
-  not even be unpickled (the parent knows which job it sent).
+  not even be unpickled (the parent knows which job it sent); ``("init-failed", None,
+  exc_or_None, type_name, traceback_text)`` when the ``initializer`` raised (then it exits
+  with code 1, printing nothing).
+
+The counter page's third word is set once the worker reached its task loop: a worker that
+dies without it died at start-up (see the pool's broken-pool rule).
 
 A worker runs its tasks strictly in order and counts, in a page it shares with the parent
 (:class:`TaskCounter`), every task it takes on before unpickling it (a batch's first task
@@ -36,14 +41,13 @@ import signal
 from collections.abc import Callable
 from typing import Any
 
-from . import _procutil, _reduction
-from ._connection import RecordChannel, anon_fd
-from ._shm import _segment
+from .. import _procutil, _reduction
+from .._connection import RecordChannel, anon_fd
+from .._exceptions import ProtocolError
+from .._shm import _segment
+from .._wire._pool import SWEEP, decode_task
 
-__all__ = ("SWEEP", "TaskCounter", "worker_main")
-
-#: A record that is no pickle (those start with b"\x80") and no spill header: "sweep".
-SWEEP = b"\x00sweep"
+__all__ = ("TaskCounter", "worker_main")
 
 
 class TaskCounter:
@@ -70,6 +74,14 @@ class TaskCounter:
     def set_retained(self, retained: bool) -> None:
         self._view[1] = int(retained)
 
+    @property
+    def started(self) -> bool:
+        """The worker got through its start-up (imports, ``initializer``) to its task loop."""
+        return bool(self._view[2])
+
+    def set_started(self) -> None:
+        self._view[2] = 1
+
     def bump(self) -> None:
         self._view[0] += 1
 
@@ -81,13 +93,13 @@ class TaskCounter:
             self._fd = -1
 
     def __reduce__(self) -> tuple[Any, ...]:
-        from ._reduction import fd_ref
+        from .._reduction import fd_ref
 
         return (_rebuild_counter, (fd_ref(os.dup(self._fd), owned=True),))
 
 
 def _rebuild_counter(ref: object) -> TaskCounter:
-    from ._reduction import take_fd
+    from .._reduction import take_fd
 
     return TaskCounter(take_fd(ref))
 
@@ -97,7 +109,7 @@ def _send_raised(
 ) -> None:
     import traceback
 
-    from ._spawn import _round_trips, _type_name
+    from .._spawn import _round_trips, _type_name
 
     tb_text = "".join(traceback.format_exception(exc))
     payload = exc if _round_trips(exc) else None
@@ -120,14 +132,19 @@ def worker_main(
     _procutil.arm_parent_death_watch()
     _segment.retain_received(True)
     if initializer is not None:
-        initializer(*initargs)
+        try:
+            initializer(*initargs)
+        except BaseException as exc:  # reported once to the parent, not printed here
+            _send_raised(results, None, exc, "init-failed")
+            raise SystemExit(1) from None
+    taken.set_started()  # from here on, a death is no start-up failure
     done = 0
     batch: collections.deque[bytes] = collections.deque()  # pickled tasks still to run
     while maxtasks is None or done < maxtasks:
         if batch:
             taken.bump()  # from here on, a death is this task's fault
             try:
-                task = _reduction.loads(batch.popleft(), [])
+                task = decode_task(_reduction.loads(batch.popleft(), []))
             except Exception as exc:  # the task could not be rebuilt here
                 _send_raised(results, None, exc, "bad-task")
                 done += 1
@@ -143,9 +160,12 @@ def worker_main(
             taken.bump()  # from here on, a death is this (or the batch's first) task's fault
             try:
                 task = tasks.decode(*record)
-                if type(task) is list:  # a batch: run its tasks in order
+                if type(task) is list:  # a batch: run its tasks in order (loads checks each)
+                    if not task:
+                        raise ProtocolError("an empty pool task batch")
                     batch.extend(task)
                     task = _reduction.loads(batch.popleft(), [])
+                task = decode_task(task)
             except Exception as exc:  # the task could not be rebuilt here
                 _send_raised(results, None, exc, "bad-task")
                 done += 1
@@ -153,7 +173,10 @@ def worker_main(
             del record
         if task is None:
             return
-        job_id, fn, args, kwds = task
+        job_id: Any = task.job_id
+        fn: Any = task.fn
+        args: Any = task.args
+        kwds: Any = task.kwds
         task = None
         try:
             value = fn(*args, **kwds)

@@ -12,8 +12,8 @@ import gc
 import multiprocessing.pool as _mp_pool
 from typing import Any
 
-from ._queues import SimpleQueue
-from ._shm import _segment
+from .._queues import SimpleQueue
+from .._shm import _segment
 
 __all__ = ("Pool",)
 

@@ -1,0 +1,883 @@
+"""``aioshm.Pool`` and ``aioshm.run_sync``: a worker pool with both faces and no helper threads.
+
+The whole stdlib ``multiprocessing.Pool`` API with its blocking semantics, plus: awaitable
+``AsyncResult`` (``await pool.apply_async(f, args)``, ``await pool.map_async(f, xs)``),
+``async for`` over ``imap``/``imap_unordered`` (lazy, with a bound on tasks in flight),
+``async with Pool(...)``, per-task kill on cancellation, ``statistics()`` and progress events.
+
+How it works::
+
+    submit ──► pending deque ──► dispatch (2..MAX_DEPTH tasks in flight per worker)
+                                     │ one SOCK_SEQPACKET record per task (never torn, never
+                                     │ blocks the loop; big payloads spill to memfds)
+                                     ▼
+                               worker process (aioshm._pool._worker, blocking loop)
+                                     │ one record per result
+                                     ▼
+    AsyncResult ◄── _step(): read results, reap dead workers, replace them, dispatch
+
+``_step()`` never blocks. Whoever waits drives it: a blocking call (``get``, ``wait``, ``map``,
+``join``…) polls the workers' fds in its own thread. On asyncio, a task awaiting a result
+parks on a future while the event loop itself watches one epoll fd covering every result
+channel, sentinel and the wake-up pipe (:class:`~aioshm._transport._waits.LoopWatch`) and
+steps the pool from its callback. Elsewhere (trio, and waits on other conditions: ``join``,
+progress, ``imap``) one awaiting task at a time drives, waiting on such an epoll fd, while the
+others park until it hands over. So the async face runs no thread at all, and callbacks run
+in whichever thread, task or loop callback drives the pool.
+
+Failures: a worker that dies fails only the task it was running (the oldest one it was sent;
+it runs them in order) with :class:`~aioshm.ProcessExitedException`; tasks queued behind it are
+sent elsewhere, and a replacement starts. A task's exception comes back as its original type
+with the remote traceback as ``__cause__``; an unpicklable argument or result fails that task
+alone.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import multiprocessing
+import os
+import pickle
+import select
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterable
+from typing import Any, Final
+
+import anyio
+import anyio.lowlevel
+
+from .. import _procutil, _reduction
+from .._connection import RecordChannel, record_pair
+from .._context import DEFAULT_START_METHOD
+from .._exceptions import (
+    BrokenPool,
+    PoolClosed,
+    ProcessExitedException,
+    ProcessRaisedException,
+    ProtocolError,
+    RemoteTraceback,
+    TaskCancelled,
+    signal_name_of,
+)
+from .._shm import _segment
+from .._transport._proc import stop_async
+from .._transport._waits import (
+    LoopWatch,
+    MultiWait,
+)
+from .._wire._pool import SWEEP, decode_result
+from ._drivers import PoolDrivers, _Waiter
+from ._results import AsyncResult, PoolStatistics
+from ._scheduler import (
+    DEPTH,
+    SendAhead,
+    StartupRule,
+    batch_limit,
+    blame_and_requeue,
+    pick_worker,
+)
+from ._worker import TaskCounter, worker_main
+
+__all__ = ("Pool",)
+
+#: Small tasks without fds are sent to a worker together, up to about this many bytes per record.
+BATCH_BYTES: Final = 16 * 1024
+#: Seconds a ``run_sync`` worker may stay idle before it is retired (anyio's value).
+WORKER_MAX_IDLE_TIME: Final = 300.0
+GRACE_PERIOD: Final = 2.0
+#: Worker deaths, replacements and broken pools are logged here (no handler installed).
+log = logging.getLogger("aioshm")
+
+_IN, _OUT = select.POLLIN, select.POLLOUT
+_job_ids = itertools.count()
+
+
+# --------------------------------------------------------------------------- workers and jobs
+
+
+class _Job:
+    __slots__ = (
+        "abandoned",
+        "args",
+        "cancellable",
+        "fn",
+        "id",
+        "index",
+        "kwds",
+        "result",
+        "sent_at",
+        "worker",
+    )
+
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwds: dict[str, Any],
+        result: AsyncResult,
+        index: int | None,
+        cancellable: bool,
+    ) -> None:
+        self.id = next(_job_ids)
+        self.fn, self.args, self.kwds = fn, args, kwds
+        self.result = result
+        self.index = index
+        self.cancellable = cancellable
+        self.abandoned = False  # its awaiter was cancelled (cancellable jobs only)
+        self.worker: _Worker | None = None
+        self.sent_at = 0.0
+
+
+class _Worker:
+    __slots__ = (
+        "budget",
+        "eof",
+        "finished",
+        "idle_since",
+        "inflight",
+        "init_error",
+        "proc",
+        "results",
+        "results_fd",
+        "sentinel",
+        "stopping",
+        "taken",
+        "tasks",
+    )
+
+    def __init__(
+        self,
+        proc: Any,
+        tasks: RecordChannel,
+        results: RecordChannel,
+        taken: TaskCounter,
+        budget: int | None,
+    ):
+        self.proc = proc
+        self.sentinel: int = proc.sentinel
+        self.tasks = tasks
+        self.results = results
+        self.results_fd = results.fileno()
+        self.taken = taken  # task records the worker took off its channel (shared page)
+        self.finished = 0  # results (or reports) received from it
+        self.inflight: collections.deque[_Job] = collections.deque()
+        self.budget = budget  # tasks it may still be sent (maxtasksperchild)
+        self.idle_since = time.monotonic()
+        self.eof = False  # its result channel reached EOF: it is exiting
+        self.stopping = False  # being terminated by a cancelled await
+        self.init_error: tuple[BaseException, str] | None = None  # its initializer raised
+
+    def close_channels(self) -> None:
+        self.tasks.close()
+        self.results.close()
+        self.taken.close()
+
+
+# --------------------------------------------------------------------------- the pool
+
+
+class Pool(PoolDrivers):
+    """A process pool: the stdlib ``multiprocessing.Pool`` API, awaitable, without threads.
+
+    :param processes: number of workers (default ``os.cpu_count()``).
+    :param initializer: called as ``initializer(*initargs)`` in every worker at start.
+    :param maxtasksperchild: a worker is replaced after this many tasks.
+    :param context: a start-method context or name (default: forkserver on Linux).
+    """
+
+    _IMAP_AHEAD = 2 * DEPTH
+
+    def __new__(cls, *args: Any, backend: Any = None, **kwargs: Any) -> Any:
+        if backend is not None and getattr(backend, "name", "local") != "local":
+            kwargs.pop("context", None)
+            kwargs.pop("_lazy", None)
+            return backend.Pool(*args, **kwargs)  # another engine's pool, same face
+        return super().__new__(cls)
+
+    def __init__(
+        self,
+        processes: int | None = None,
+        initializer: Callable[..., object] | None = None,
+        initargs: Iterable[Any] = (),
+        maxtasksperchild: int | None = None,
+        context: Any = None,
+        *,
+        backend: Any = None,
+        _lazy: bool = False,
+    ) -> None:
+        if processes is None:
+            processes = os.cpu_count() or 1
+        if processes < 1:
+            raise ValueError("Number of processes must be at least 1")
+        if maxtasksperchild is not None and (
+            not isinstance(maxtasksperchild, int) or maxtasksperchild <= 0
+        ):
+            raise ValueError("maxtasksperchild must be a positive int or None")
+        if initializer is not None and not callable(initializer):
+            raise TypeError("initializer must be a callable")
+        if context is None or isinstance(context, str):
+            context = multiprocessing.get_context(context or DEFAULT_START_METHOD)
+        self._ctx = context
+        self._processes = processes
+        self._initializer = initializer
+        self._initargs = tuple(initargs)
+        self._maxtasks = maxtasksperchild
+        self._workers: list[_Worker] = []
+        self._pending: collections.deque[_Job] = collections.deque()
+        self._jobs: dict[int, _Job] = {}
+        self._state = "RUN"
+        self._mutex = threading.RLock()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._generation = 0
+        self._ahead = SendAhead()  # tasks in flight per worker
+        self._tasks_done = 0
+        self._replaced = 0
+        self._woken = False  # a byte is in the wake-up pipe
+        self._parked = 0  # drivers waiting on the pool's fds (they need a wake-up on changes)
+        self._driving = False  # an awaiting task drives the pool
+        self._driver_thread = 0  # the thread of its event loop
+        self._followers: dict[_Waiter, None] = {}  # the tasks awaiting while it does, oldest first
+        self._generic: list[_Waiter] = []  # those whose condition is not one result
+        self._foreign: collections.deque[_Waiter] = collections.deque()  # woken by other threads
+        self._waiter: MultiWait | None = None
+        self._watch: LoopWatch | None = None  # asyncio: the loop watching the pool's fds
+        self._watching = 0  # tasks awaiting a result through it
+        self._watch_idle = 0  # its callbacks since the last such task left
+        self._waiter_key: tuple[int, list[tuple[int, int]]] | None = None
+        self._lazy = _lazy  # run_sync's pool starts workers on demand
+        self._startup = StartupRule()  # workers dead at start-up since one got through it
+        self._broken: tuple[str, BaseException, str] | None = None  # (why, cause, traceback)
+        self._guard: Any = None
+        _pools.add(self)
+        try:
+            self._repopulate()
+        except BaseException:
+            self._kill_all()
+            raise
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} state={self._state} pool_size={self._processes}>"
+
+    # -- workers ----------------------------------------------------------------------------
+    def _start_worker(self) -> None:
+        task_r, task_w = record_pair()
+        res_r, res_w = record_pair()
+        taken = TaskCounter()
+        proc = self._ctx.Process(
+            target=worker_main,
+            args=(task_r, res_w, self._initializer, self._initargs, self._maxtasks, taken),
+            daemon=True,
+        )
+        proc.name = proc.name.replace("Process", "PoolWorker")
+        try:
+            if self._ctx.get_start_method() == "forkserver":
+                _procutil.ensure_forkserver()  # the server imports the main script once
+            proc.start()
+        except BaseException:
+            for ch in (task_r, task_w, res_r, res_w):
+                ch.close()
+            taken.close()
+            raise
+        finally:
+            _reduction.release_spawn_fds(getattr(proc, "_popen", None))
+        task_r.close()
+        res_w.close()
+        self._workers.append(_Worker(proc, task_w, res_r, taken, self._maxtasks))
+        self._generation += 1
+        if self._parked:
+            self._wake()  # who waits on the pool's fds must watch this worker's too
+
+    def _repopulate(self) -> None:
+        if self._state != "RUN" or self._lazy or self._broken is not None:
+            return
+        while len(self._workers) < self._processes:
+            self._start_worker()
+
+    def _remove_worker(self, worker: _Worker) -> None:
+        self._workers.remove(worker)
+        worker.close_channels()
+        self._generation += 1
+        if self._parked:
+            self._wake()
+
+    # -- submitting ---------------------------------------------------------------------------
+    def _submit(
+        self,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwds: dict[str, Any],
+        result: AsyncResult,
+        index: int | None,
+        cancellable: bool = False,
+    ) -> None:
+        job = _Job(fn, args, kwds, result, index, cancellable)
+        with self._mutex:
+            if self._broken is not None:  # e.g. an imap's next chunk
+                result._finish(None, self._broken_error())
+                return
+            self._jobs[job.id] = job
+            result._jobs.add(job)
+            self._pending.append(job)
+            generation = self._generation
+            if self._lazy:
+                self._grow()  # starts workers on demand
+            self._dispatch()
+            if self._parked and (self._pending or self._generation != generation):
+                self._wake()  # the driver must watch other fds now
+
+    def _forget(self, job: _Job) -> None:
+        self._jobs.pop(job.id, None)
+        if job.worker is None:
+            try:
+                self._pending.remove(job)
+            except ValueError:
+                pass
+
+    # -- the pump -----------------------------------------------------------------------------
+    def _step(self, ready: set[int] | None = None) -> None:
+        """Read results, reap dead workers (failing their running task), refill, dispatch.
+
+        ``ready``: the fds a wait found ready (only those are read); None reads everything.
+        """
+        with self._mutex:
+            done_before = self._tasks_done
+            self._step_locked(ready)
+            if (
+                self._tasks_done != done_before
+                and self._driving
+                and self._driver_thread != threading.get_ident()
+            ):
+                self._wake()  # the driving task may wait for a result read here: wake it
+            self._refresh_watch()
+
+    def _step_locked(self, ready: set[int] | None) -> None:
+        if self._woken and (ready is None or self._wake_r in ready):
+            try:
+                while os.read(self._wake_r, 512):
+                    pass
+            except OSError:
+                pass
+            self._woken = False
+        dead = False
+        for worker in self._workers:
+            if ready is None or worker.results_fd in ready or worker.sentinel in ready:
+                self._read_results(worker)
+            dead = dead or worker.eof or (ready is not None and worker.sentinel in ready)
+        if dead:
+            for worker in list(self._workers):
+                if (worker.eof or ready is None or worker.sentinel in ready) and (
+                    not worker.proc.is_alive()
+                ):
+                    self._worker_died(worker)
+        if self._state == "RUN":
+            if self._lazy:
+                self._grow()
+            elif len(self._workers) < self._processes:
+                self._repopulate()
+        self._dispatch()
+        if self._state == "CLOSE" and not self._pending:
+            for worker in list(self._workers):
+                if not worker.inflight and not worker.tasks.closed:
+                    self._send_exit(worker)
+
+    def _grow(self) -> None:
+        """A lazy pool (run_sync's) starts a worker for each task no idle worker can take."""
+        if self._state != "RUN" or self._broken is not None:
+            return
+        busy = sum(1 for w in self._workers if w.inflight)
+        want = min(self._processes, busy + len(self._pending))
+        while len(self._workers) < want:
+            self._start_worker()
+
+    def _read_results(self, worker: _Worker) -> None:
+        results = worker.results
+        while not results.closed:
+            try:
+                got = results.try_recv_record()
+            except EOFError:
+                if not worker.eof:
+                    worker.eof = True
+                    self._generation += 1  # stop watching its result channel
+                return
+            if got is None:
+                return
+            try:
+                msg = decode_result(worker.results.decode(*got))
+            except Exception as exc:  # unpicklable here, or no valid record (ProtocolError)
+                msg, bad = None, exc
+            if msg is not None and msg.tag == "init-failed":  # no task's result: it exits now
+                error = _remote_error(msg.value, msg.type_name, msg.traceback)
+                worker.init_error = (error, msg.traceback)
+                continue
+            worker.finished += 1
+            if self._startup.deaths:
+                self._startup.got_through()
+            job = worker.inflight.popleft() if worker.inflight else None
+            now = time.monotonic()
+            if job is not None:
+                # it ran from when it was sent, or from the previous result if it was queued
+                self._ahead.took(now - max(job.sent_at, worker.idle_since))
+            worker.idle_since = now
+            if msg is None:
+                if job is not None:
+                    self._complete(job, None, bad)
+            else:
+                if job is not None:
+                    if msg.job_id is not None and msg.job_id != job.id:
+                        why = f"a pool worker answered job {msg.job_id} for job {job.id}"
+                        self._complete(job, None, ProtocolError(why))
+                    elif msg.tag == "ok":
+                        self._complete(job, msg.value, None)
+                    else:
+                        error = _remote_error(msg.value, msg.type_name, msg.traceback)
+                        self._complete(job, None, error)
+            if worker.inflight and worker.inflight[0].abandoned and not worker.stopping:
+                # the next task it runs was cancelled by its awaiter: stop the worker
+                worker.stopping = True
+                worker.proc.terminate()
+
+    def _complete(self, job: _Job, value: Any, error: BaseException | None) -> None:
+        self._tasks_done += 1
+        self._jobs.pop(job.id, None)
+        job.worker = None
+        job.fn = job.args = job.kwds = None  # type: ignore[assignment]
+        job.result._job_done(job, value, error)
+
+    def _worker_died(self, worker: _Worker) -> None:
+        self._read_results(worker)  # what it sent before dying is still there
+        worker.proc.join()  # not alive any more: returns at once
+        exitcode = worker.proc.exitcode
+        startup_death = (
+            not worker.taken.started
+            and self._state == "RUN"
+            and not worker.stopping
+            and self._broken is None
+        )
+        if worker.taken.started:
+            self._startup.got_through()
+        breaking = startup_death and self._startup.died_at_startup()
+        if startup_death or (
+            exitcode not in (0, None) and self._state == "RUN" and not worker.stopping
+        ):
+            log.warning(
+                "pool worker %s (pid %s) died%s with %s%s",
+                worker.proc.name,
+                worker.proc.pid,
+                " at start-up" if startup_death else "",
+                _exit_text(exitcode),
+                "" if breaking or self._broken is not None else "; replacing it",
+            )
+        elif worker.stopping and self._state == "RUN" and self._broken is None:
+            log.info(
+                "pool worker %s (pid %s) stopped; replacing it", worker.proc.name, worker.proc.pid
+            )
+        running, requeued, dropped = blame_and_requeue(
+            worker.inflight,
+            worker.taken.value,
+            worker.finished,
+            self._pending,
+            lambda job: job.abandoned,  # cancelled ones are dropped
+        )
+        for job in requeued:  # they never started: sent elsewhere
+            job.worker = None
+        for job in dropped:
+            job.worker = None
+            self._jobs.pop(job.id, None)
+        if running is not None:  # it died running its oldest task
+            name = signal_name_of(exitcode) if exitcode is not None else None
+            what = f"signal {name}" if name else f"exit code {exitcode}"
+            error = ProcessExitedException(
+                f"pool worker {worker.proc.name} (pid {worker.proc.pid}) terminated with {what} "
+                "while running this task",
+                0,
+                worker.proc.pid or -1,
+                exitcode if exitcode is not None else -1,
+                name,
+            )
+            self._complete(running, None, error)
+            self._replaced += 1
+        elif exitcode not in (0, None) and self._state == "RUN":
+            self._replaced += 1
+        self._remove_worker(worker)
+        _close_popen(worker.proc)
+        if breaking:
+            self._break(worker, exitcode)
+
+    def _break(self, worker: _Worker, exitcode: int | None) -> None:
+        """Give up (the broken-pool rule): fail every task, stop the workers left, start none."""
+        n = self._startup.deaths
+        if worker.init_error is not None:
+            cause, tb_text = worker.init_error
+            why = (
+                f"the pool's initializer raised {type(cause).__name__} in {n} workers in a "
+                f"row: {cause}"
+            )
+        else:
+            tb_text = ""
+            why = (
+                f"{n} pool workers in a row died at start-up (the last, pid {worker.proc.pid}, "
+                f"with {_exit_text(exitcode)}), before reaching their task loop. Does the script "
+                'start the pool outside an `if __name__ == "__main__":` guard, or can the '
+                "workers not import its main module (read from stdin)? The worker printed its "
+                "traceback to its stderr"
+            )
+            cause = ProcessExitedException(
+                f"pool worker {worker.proc.name} (pid {worker.proc.pid}) died at start-up with "
+                f"{_exit_text(exitcode)}",
+                0,
+                worker.proc.pid or -1,
+                exitcode if exitcode is not None else -1,
+                signal_name_of(exitcode) if exitcode is not None else None,
+            )
+        self._broken = (f"the pool is broken: {why}", cause, tb_text)
+        log.error("%s; it starts no more workers and fails every task", self._broken[0])
+        self._fail_all("", self._broken_error)
+        for other in self._workers:
+            if not other.stopping and other.proc.is_alive():
+                other.stopping = True
+                other.proc.terminate()
+
+    def _broken_error(self) -> BrokenPool | None:
+        if self._broken is None:
+            return None
+        why, cause, tb_text = self._broken
+        error = BrokenPool(why, tb_text)
+        error.__cause__ = cause
+        return error
+
+    def _dispatch(self) -> None:
+        """Send pending tasks, each batch to the ready worker with the fewest tasks in flight."""
+        pending = self._pending
+        if not pending:
+            return
+        depth = self._ahead.depth
+        ready = [
+            w
+            for w in self._workers
+            if len(w.inflight) < depth
+            and w.budget != 0
+            and not w.eof
+            and not w.stopping
+            and not w.tasks.closed
+        ]
+        while pending and ready:
+            worker = ready[pick_worker([len(w.inflight) for w in ready])]
+            limit = batch_limit(
+                len(worker.inflight), depth, worker.budget, len(pending), len(ready)
+            )
+            if not self._send_batch(worker, limit):
+                ready.remove(worker)  # its channel is full
+                continue
+            if len(worker.inflight) >= depth or worker.budget == 0:
+                ready.remove(worker)
+
+    def _send_batch(self, worker: _Worker, limit: int) -> bool:
+        """Send up to ``limit`` pending tasks to ``worker`` in one record: small tasks without
+        fds go together (one syscall here and one in the worker for all of them), any other
+        alone. A task that cannot be pickled fails alone. False if the channel is full."""
+        pending = self._pending
+        jobs: list[_Job] = []
+        payloads: list[Any] = []
+        size = 0
+        record: Any = None
+        fds: list[int] = []
+        owned: list[bool] = []
+        while pending and len(jobs) < limit and size < BATCH_BYTES:
+            job = pending[0]
+            try:
+                data, fds, owned = worker.tasks.encode((job.id, job.fn, job.args, job.kwds))
+            except Exception as exc:  # the task cannot be pickled: it fails alone
+                pending.popleft()
+                self._complete(job, None, exc)
+                continue
+            if fds or len(data) > BATCH_BYTES:
+                if jobs:  # it goes on its own, next
+                    _reduction.close_owned(fds, owned)
+                    fds, owned = [], []
+                    break
+                record = data
+            pending.popleft()
+            jobs.append(job)
+            payloads.append(data)
+            size += len(data)
+            if record is not None:
+                break
+        if not jobs:
+            return True
+        if record is None:
+            if len(payloads) == 1:
+                record = payloads[0]
+            else:  # a list of pickles (bytes only: this pickle cannot fail)
+                record = pickle.dumps([bytes(p) for p in payloads], pickle.HIGHEST_PROTOCOL)
+        try:
+            sent = worker.tasks.try_send_record(record, fds)
+        except OSError:
+            sent = False
+        finally:
+            _reduction.close_owned(fds, owned)
+        if not sent:
+            pending.extendleft(reversed(jobs))
+            return False
+        now = time.monotonic()
+        for job in jobs:
+            job.worker = worker
+            job.sent_at = now
+            worker.inflight.append(job)
+        if worker.budget is not None:
+            worker.budget -= len(jobs)
+        return True
+
+    def _send_exit(self, worker: _Worker) -> None:
+        try:
+            worker.tasks.try_send_record(_reduction.dumps(None)[0], [])
+        except OSError:
+            pass
+        worker.tasks.close()
+
+    def _wait_fds(self) -> list[tuple[int, int]]:
+        fds = [(self._wake_r, _IN)]
+        for worker in self._workers:
+            if not worker.results.closed and not worker.eof:
+                fds.append((worker.results.fileno(), _IN))
+            fds.append((worker.sentinel, _IN))
+            if (
+                self._pending
+                and not worker.tasks.closed
+                and len(worker.inflight) < self._ahead.depth
+                and worker.budget != 0
+                and not worker.stopping
+            ):
+                fds.append((worker.tasks.fileno(), _OUT))
+        return fds
+
+    def _cancel(self, result: AsyncResult) -> None:
+        """``result.cancel()``, without waiting: like :meth:`_abandon`, except that a stopped
+        worker is terminated now and killed after the grace period by a loop timer (its
+        death is then seen, reaped and replaced like any other), and the result is marked
+        cancelled at once, even if its task runs on."""
+        with self._mutex:
+            stop, _, _ = self._drop_jobs(result)
+            result._cancelled = True
+            result._finish(None, TaskCancelled("the result was cancelled"))
+        loop = result.get_loop()
+        for worker in stop:
+            worker.proc.terminate()
+            loop.call_later(GRACE_PERIOD, _kill_if_alive, worker.proc)
+        if self._parked:
+            self._wake()
+
+        # the watched set changes with the workers and, while tasks wait for room in a full
+        # channel, with their send-ahead state: the _step above brought it up to date
+
+    def _drop_jobs(self, result: AsyncResult) -> tuple[list[_Worker], bool, bool]:
+        """Give up ``result``'s jobs (under the mutex): drop the unsent ones, mark the sent
+        cancellable ones abandoned and mark for stopping the workers running one of them.
+        Returns ``(workers to stop, some job was cancelled, some job was dropped)``."""
+        stop: list[_Worker] = []
+        cancelled = dropped = False
+        for job in list(result._jobs):
+            worker = job.worker
+            if worker is None:
+                self._forget(job)
+                result._jobs.discard(job)
+                dropped = True
+            elif job.cancellable:
+                job.abandoned = cancelled = True
+                if worker.inflight and worker.inflight[0] is job and not worker.stopping:
+                    worker.stopping = True
+                    stop.append(worker)
+        return stop, cancelled, dropped
+
+    async def _abandon(self, result: AsyncResult) -> None:
+        """The awaiting task was cancelled before ``result`` was ready.
+
+        Tasks not sent yet are dropped. A sent ``cancellable`` task is cancelled: if its
+        worker is running it, the worker is stopped (terminate, grace, kill), reaped and
+        replaced; if it waits behind another task there, the worker is stopped when it gets to
+        it. A sent task that is not cancellable runs on; its result is discarded.
+        """
+        with self._mutex:
+            stop, cancelled, dropped = self._drop_jobs(result)
+            if cancelled:
+                why = "the awaiting task was cancelled; the worker running it was stopped"
+                result._finish(None, TaskCancelled(why))
+            elif dropped and not result._jobs:
+                why = "the awaiting task was cancelled before it ran"
+                result._finish(None, TaskCancelled(why))
+        if stop:
+            with anyio.CancelScope(shield=True):
+                await stop_async([w.proc for w in stop], GRACE_PERIOD)
+                with self._mutex:
+                    for worker in stop:
+                        if worker in self._workers:
+                            self._worker_died(worker)
+                    self._step()
+                if self._parked:
+                    self._wake()
+
+    # -- closing --------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Accept no more work; workers exit once the submitted work is done."""
+        with self._mutex:
+            if self._state == "RUN":
+                self._state = "CLOSE"
+            self._step()
+        self._wake()
+
+    def terminate(self) -> None:
+        """Stop the workers now; pending and running tasks fail with ``PoolClosed``."""
+        with self._mutex:
+            self._state = "TERMINATE"
+            self._fail_all("the pool was terminated")
+            for worker in self._workers:
+                if worker.proc.is_alive():
+                    worker.proc.terminate()
+        self._wake()
+        self._drive_until(lambda: not self._workers, GRACE_PERIOD)
+        self._kill_all()
+
+    def join(self) -> None:
+        """Block until every worker exited (after :meth:`close` or :meth:`terminate`)."""
+        if self._state == "RUN":
+            raise ValueError("Pool is still running")
+        self._drive_until(lambda: not self._workers, None)
+        self._release()
+
+    async def join_async(self) -> None:
+        """Awaitable :meth:`join`."""
+        if self._state == "RUN":
+            raise ValueError("Pool is still running")
+        await self._drive_until_async(lambda: not self._workers)
+        self._release()
+
+    async def terminate_async(self) -> None:
+        """Awaitable :meth:`terminate` (terminate, grace period, kill, reap)."""
+        with self._mutex:
+            self._state = "TERMINATE"
+            self._fail_all("the pool was terminated")
+            procs = [w.proc for w in self._workers]
+        with anyio.CancelScope(shield=True):
+            await stop_async(procs, GRACE_PERIOD)
+        with self._mutex:
+            for worker in list(self._workers):
+                self._worker_died(worker)
+        self._release()
+
+    def _fail_all(self, why: str, make_error: Callable[[], Any] | None = None) -> None:
+        jobs = list(self._jobs.values())
+        self._pending.clear()
+        for worker in self._workers:
+            worker.inflight.clear()
+        for job in jobs:
+            error = make_error() if make_error else PoolClosed(f"{why} before this task finished")
+            self._complete(job, None, error)
+
+    def _shutdown_now(self) -> None:
+        with self._mutex:
+            self._state = "TERMINATE"
+            self._fail_all("the event loop ended")
+        self._kill_all()
+
+    def _kill_all(self) -> None:
+        for worker in list(self._workers):
+            if worker.proc.is_alive():
+                worker.proc.kill()
+            worker.proc.join()
+            self._remove_worker(worker)
+            _close_popen(worker.proc)
+        self._release()
+
+    def _release(self) -> None:
+        if self._waiter is not None:
+            self._waiter.close()
+            self._waiter = None
+        self._drop_watch()
+        if self._wake_r >= 0 and not self._workers:
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            self._wake_r = self._wake_w = -1
+
+    def statistics(self) -> PoolStatistics:
+        """Idle and busy workers, tasks pending/running/done, live shared segments and bytes."""
+        with self._mutex:
+            busy = sum(1 for w in self._workers if w.inflight)
+            segs = _segment.live_segments()
+            return PoolStatistics(
+                idle_workers=len(self._workers) - busy,
+                busy_workers=busy,
+                tasks_pending=len(self._pending),
+                tasks_running=busy,
+                tasks_done=self._tasks_done,
+                workers_replaced=self._replaced,
+                live_segments=len(segs),
+                live_segment_bytes=sum(s.size for s in segs),
+            )
+
+    def __del__(self) -> None:
+        if getattr(self, "_workers", None):
+            import warnings
+
+            warnings.warn(f"unclosed running pool {self!r}", ResourceWarning, stacklevel=2)
+            self._kill_all()
+
+
+# Workers keep received segments mapped while another process holds them (see _worker).
+# When this process closes a segment, tell the workers that retain some to look again.
+_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
+
+
+def _sweep_workers() -> None:
+    """Send :data:`SWEEP` to every worker that retains segments (from any thread, even a
+    finalizer: one non-blocking send per worker; a full channel means it will sweep after
+    the tasks it has anyway)."""
+    try:
+        pools = list(_pools)
+    except RuntimeError:  # the set changed under us (another thread): skip this one
+        return
+    for pool in pools:
+        for worker in list(pool._workers):
+            try:
+                if worker.taken.retained and not worker.tasks.closed:
+                    worker.tasks.try_send_record(SWEEP, [])
+            except (OSError, ValueError):  # closing concurrently
+                pass
+
+
+_segment.set_close_hook(_sweep_workers)
+
+
+def _kill_if_alive(proc: Any) -> None:
+    try:
+        if proc.is_alive():
+            proc.kill()
+    except ValueError:  # reaped and closed already
+        pass
+
+
+def _close_popen(proc: Any) -> None:
+    popen = getattr(proc, "_popen", None)
+    close = getattr(popen, "close", None)
+    if popen is not None and getattr(popen, "returncode", None) is not None and callable(close):
+        close()
+
+
+def _exit_text(exitcode: int | None) -> str:
+    name = signal_name_of(exitcode) if exitcode is not None else None
+    return f"signal {name}" if name else f"exit code {exitcode}"
+
+
+def _remote_error(original: Any, type_name: str, tb_text: str) -> BaseException:
+    if isinstance(original, Exception):
+        original.__cause__ = RemoteTraceback(str(tb_text))
+        return original
+    error = ProcessRaisedException(
+        f"a pool task raised {type_name}:\n{tb_text}", 0, -1, str(type_name), str(tb_text)
+    )
+    error.__cause__ = RemoteTraceback(str(tb_text))
+    return error
