@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import multiprocessing as _stdlib_mp
 from types import ModuleType as _ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import _procutil, _reduction
 from ._connection import Connection, Pipe
@@ -56,6 +56,11 @@ from ._shm import (
 )
 from ._shm import trim as trim_pool
 from ._version import __version__ as __version__
+
+if TYPE_CHECKING:  # the lazily loaded pool names (see _LAZY_POOL), for type checkers
+    from ._pool._pool import Pool
+    from ._pool._results import AsyncResult, PoolStatistics, ProgressEvent
+    from ._pool._run_sync import current_default_pool, run_sync
 
 __all__ = (
     "DEFAULT_START_METHOD",

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 from multiprocessing import context as _mp_context
-from typing import Any
+from typing import Any, cast
 
 from . import _process
 from ._connection import Connection
@@ -123,7 +123,8 @@ class _AsyncFaceMixin:
         """:class:`aioshm.Pool` (awaitable results, no helper threads) on this start method."""
         from ._pool._pool import Pool
 
-        return Pool(processes, initializer, initargs, maxtasksperchild, context=self)
+        context = cast("_mp_context.BaseContext", self)  # this mixin is one's base
+        return Pool(processes, initializer, initargs, maxtasksperchild, context=context)
 
 
 #: the async face's contexts, one per start method (see _AsyncFaceMixin)

@@ -45,7 +45,8 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable
-from typing import Any, Final
+from multiprocessing.context import BaseContext
+from typing import TYPE_CHECKING, Any, Final, Self, overload
 
 import anyio
 import anyio.lowlevel
@@ -81,6 +82,10 @@ from ._scheduler import (
     pick_worker,
 )
 from ._worker import TaskCounter, worker_main
+
+if TYPE_CHECKING:
+    from .._backend import Backend, LocalBackend
+    from ._api import PoolAPI
 
 __all__ = ("Pool",)
 
@@ -191,6 +196,28 @@ class Pool(PoolDrivers):
 
     _IMAP_AHEAD = 2 * DEPTH
 
+    @overload
+    def __new__(
+        cls,
+        processes: int | None = None,
+        initializer: Callable[..., object] | None = None,
+        initargs: Iterable[Any] = (),
+        maxtasksperchild: int | None = None,
+        context: str | BaseContext | None = None,
+        *,
+        backend: LocalBackend | None = None,
+    ) -> Self: ...
+    @overload
+    def __new__(  # type: ignore[misc]  # another engine's pool: the same face, not a Pool
+        cls,
+        processes: int | None = None,
+        initializer: Callable[..., object] | None = None,
+        initargs: Iterable[Any] = (),
+        maxtasksperchild: int | None = None,
+        context: str | BaseContext | None = None,
+        *,
+        backend: Backend,
+    ) -> PoolAPI: ...
     def __new__(cls, *args: Any, backend: Any = None, **kwargs: Any) -> Any:
         if backend is not None and getattr(backend, "name", "local") != "local":
             kwargs.pop("context", None)
@@ -204,9 +231,9 @@ class Pool(PoolDrivers):
         initializer: Callable[..., object] | None = None,
         initargs: Iterable[Any] = (),
         maxtasksperchild: int | None = None,
-        context: Any = None,
+        context: str | BaseContext | None = None,
         *,
-        backend: Any = None,
+        backend: Backend | None = None,
         _lazy: bool = False,
     ) -> None:
         if processes is None:
@@ -221,7 +248,7 @@ class Pool(PoolDrivers):
             raise TypeError("initializer must be a callable")
         if context is None or isinstance(context, str):
             context = multiprocessing.get_context(context or DEFAULT_START_METHOD)
-        self._ctx = context
+        self._ctx: Any = context
         self._processes = processes
         self._initializer = initializer
         self._initargs = tuple(initargs)

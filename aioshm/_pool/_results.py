@@ -12,9 +12,9 @@ import collections
 import contextvars
 import itertools
 import multiprocessing
-from collections.abc import Callable, Generator, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Generator, Iterable, Iterator, Sized
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, Generic, Self, cast
 
 import anyio
 import anyio.lowlevel
@@ -27,8 +27,17 @@ from .._transport._waits import (
 )
 
 if TYPE_CHECKING:
+    from typing_extensions import TypeVar
+
     from ._api import PoolAPI
     from ._drivers import _Waiter
+
+    #: What a result gives (``await r``, ``r.get()``); ``Any`` for a bare ``AsyncResult``.
+    ResultT = TypeVar("ResultT", default=Any)
+else:
+    from typing import TypeVar
+
+    ResultT = TypeVar("ResultT")  # TypeVar(default=...) needs Python 3.13
 
 __all__ = ("AsyncResult", "IMapIterator", "MapResult", "PoolStatistics", "ProgressEvent")
 
@@ -49,17 +58,30 @@ class PoolStatistics:
 
 @dataclass(frozen=True)
 class ProgressEvent:
-    """Progress of a ``map``: ``done`` of ``total`` items finished."""
+    """Progress of a long pool operation: ``done`` of ``total`` items finished.
+
+    Every operation over many items takes ``on_progress=callback``: ``map``, ``starmap``,
+    ``map_async``, ``starmap_async``, ``imap`` and ``imap_unordered``. The callback gets an event
+    each time a chunk finishes in a worker (``done`` counts items the workers finished, not
+    items the caller consumed; it grows to ``total`` unless an item raises). It runs where
+    other callbacks run: in whichever thread, task or loop callback drives the pool. A
+    ``map_async`` result also has ``async for event in result.progress()``.
+
+    ``total`` is the number of items: always known for the ``map`` family (which reads the
+    whole iterable first); for ``imap`` it is ``len(iterable)`` when the iterable has one, else
+    ``None`` until the iterable is exhausted (then the count of its items).
+    """
 
     done: int
-    total: int
+    total: int | None
 
 
 # --------------------------------------------------------------------------- results
 
 
-class AsyncResult:
-    """The stdlib's ``AsyncResult`` (``get``, ``wait``, ``ready``, ``successful``), awaitable.
+class AsyncResult(Generic[ResultT]):
+    """The stdlib's ``AsyncResult`` (``get``, ``wait``, ``ready``, ``successful``), awaitable:
+    ``await result`` and ``result.get()`` give the function's return value (``ResultT``).
 
     On asyncio it is also a Future-like object (asyncio's duck-typed future protocol:
     ``done``, ``result``, ``exception``, ``add_done_callback``, ``cancel``…), so
@@ -72,20 +94,22 @@ class AsyncResult:
     def __init__(
         self,
         pool: PoolAPI,
-        callback: Callable[[Any], object] | None = None,
+        callback: Callable[[ResultT], object] | None = None,
         error_callback: Callable[[BaseException], object] | None = None,
     ) -> None:
         self._pool = pool
         self._callback = callback
         self._error_callback = error_callback
-        self._value: Any = None
+        self._value: ResultT = cast("ResultT", None)  # set (once) with _ready
         self._error: BaseException | None = None
         self._ready = False
         self._jobs: set[Any] = set()  # the pool's jobs for it
         self._waiters: list[_Waiter] | None = None  # tasks awaiting it (not driving the pool)
         # the asyncio future protocol
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._done_callbacks: list[tuple[Callable[[Any], object], Any]] | None = None
+        self._done_callbacks: list[tuple[Callable[[Any], object], contextvars.Context]] | None = (
+            None
+        )
         self._cancelled = False
         self._cancel_message: str | None = None
         self._watched = False  # counted among what keeps the pool's LoopWatch running
@@ -102,7 +126,7 @@ class AsyncResult:
         """Block until the result is ready or ``timeout`` passes (driving the pool)."""
         self._pool._drive_until(self.ready, timeout)
 
-    def get(self, timeout: float | None = None) -> Any:
+    def get(self, timeout: float | None = None) -> ResultT:
         """Block for the value; re-raise the task's exception. ``multiprocessing.TimeoutError``."""
         self.wait(timeout)
         if not self._ready:
@@ -150,7 +174,7 @@ class AsyncResult:
     def cancelled(self) -> bool:
         return self._cancelled
 
-    def result(self) -> Any:
+    def result(self) -> ResultT:
         """The value (asyncio's ``Future.result``: ``InvalidStateError`` if not ready)."""
         if not self._ready:
             raise asyncio.InvalidStateError("the result is not ready")
@@ -170,7 +194,9 @@ class AsyncResult:
     def _make_cancelled_error(self) -> asyncio.CancelledError:
         return asyncio.CancelledError(self._cancel_message or "")
 
-    def add_done_callback(self, fn: Callable[[Any], object], *, context: Any = None) -> None:
+    def add_done_callback(
+        self, fn: Callable[[Self], object], *, context: contextvars.Context | None = None
+    ) -> None:
         """Call ``fn(self)`` from the event loop once the result is ready."""
         loop = self.get_loop()
         if context is None:
@@ -183,7 +209,7 @@ class AsyncResult:
             self._watched = self._pool._watch_for(self, loop)
         self._done_callbacks.append((fn, context))
 
-    def remove_done_callback(self, fn: Callable[[Any], object]) -> int:
+    def remove_done_callback(self, fn: Callable[[Self], object]) -> int:
         callbacks = self._done_callbacks or []
         kept = [(f, ctx) for f, ctx in callbacks if f != fn]
         if self._done_callbacks is not None:
@@ -238,10 +264,10 @@ class AsyncResult:
         if self._waiters is not None:
             self._waiters.remove(waiter)
 
-    def __await__(self) -> Generator[Any, None, Any]:
+    def __await__(self) -> Generator[Any, None, ResultT]:
         return self._await().__await__()
 
-    async def _await(self) -> Any:
+    async def _await(self) -> ResultT:
         try:
             await self._pool._drive_until_async(self.ready, self)
         except BaseException as exc:
@@ -255,20 +281,21 @@ class AsyncResult:
         return self._value
 
 
-class MapResult(AsyncResult):
-    """The result of ``map_async``/``starmap_async``: one job per chunk."""
+class MapResult(AsyncResult[list[ResultT]]):
+    """The result of ``map_async``/``starmap_async`` (one job per chunk): ``await result`` and
+    ``result.get()`` give the list of the function's values, in order."""
 
     def __init__(
         self,
         pool: PoolAPI,
         nchunks: int,
         total: int,
-        callback: Callable[[Any], object] | None,
+        callback: Callable[[list[ResultT]], object] | None,
         error_callback: Callable[[BaseException], object] | None,
         on_progress: Callable[[ProgressEvent], object] | None,
     ) -> None:
         super().__init__(pool, callback, error_callback)
-        self._chunks: list[list[Any] | None] = [None] * nchunks
+        self._chunks: list[list[ResultT] | None] = [None] * nchunks
         self._left = nchunks
         self._total = total
         self._done_items = 0
@@ -295,8 +322,9 @@ class MapResult(AsyncResult):
         if self._left == 0:
             self._finish([x for chunk in self._chunks for x in chunk or ()])
 
-    async def progress(self) -> Any:
-        """``async for event in result.progress()``: a :class:`ProgressEvent` per chunk done."""
+    async def progress(self) -> AsyncIterator[ProgressEvent]:
+        """``async for event in result.progress()``: a :class:`ProgressEvent` per chunk done,
+        ending with ``done == total`` (unless an item raised)."""
         seen = 0
         while True:
             await self._pool._drive_until_async(lambda: self._ready or bool(self._progress))
@@ -310,35 +338,42 @@ class MapResult(AsyncResult):
                 return
 
 
-class IMapIterator:
-    """``imap``/``imap_unordered``: a lazy iterator, sync (``next``) and async (``async for``).
+class IMapIterator(Generic[ResultT]):
+    """``imap``/``imap_unordered``: a lazy iterator of the function's values, sync (``for``,
+    ``next``) and async (``async for``).
 
     At most ``max_inflight`` chunks are submitted ahead of what was consumed, so an endless
-    iterable works and memory stays bounded.
+    iterable works and memory stays bounded. ``on_progress`` gets a :class:`ProgressEvent`
+    each time a chunk finishes in a worker.
     """
 
     def __init__(
         self,
         pool: PoolAPI,
-        fn: Callable[..., Any],
+        fn: Callable[..., ResultT],
         iterable: Iterable[Any],
         chunksize: int,
         ordered: bool,
         star: bool,
         max_inflight: int,
+        on_progress: Callable[[ProgressEvent], object] | None = None,
     ) -> None:
         self._pool = pool
         self._fn = fn
+        self._on_progress = on_progress
+        self._total = len(iterable) if isinstance(iterable, Sized) else None
+        self._items = 0  # items read from the iterable so far
+        self._done_items = 0  # items the workers finished
         self._source = _chunks(iterable, chunksize)
         self._ordered = ordered
         self._star = star
         self._max_inflight = max(1, max_inflight)
         self._next_index = 0
         self._submitted = 0
-        self._inflight: dict[int, AsyncResult] = {}
-        self._done: dict[int, AsyncResult] = {}
+        self._inflight: dict[int, AsyncResult[list[ResultT]]] = {}
+        self._done: dict[int, AsyncResult[list[ResultT]]] = {}
         # one entry per finished chunk not yet consumed: a deque of its items, or a _Raise
-        self._buffer: collections.deque[collections.deque[Any] | _Raise] = collections.deque()
+        self._buffer: collections.deque[collections.deque[ResultT] | _Raise] = collections.deque()
         self._exhausted = False
 
     def _fill(self) -> None:
@@ -350,12 +385,23 @@ class IMapIterator:
                 chunk = next(self._source)
             except StopIteration:
                 self._exhausted = True
+                if self._total is None:
+                    self._total = self._items
+                    if self._on_progress is not None and self._done_items == self._items:
+                        self._on_progress(ProgressEvent(self._done_items, self._total))
                 return
+            self._items += len(chunk)
             index = self._submitted
             self._submitted += 1
-            result = AsyncResult(self._pool)
+            callback = None if self._on_progress is None else self._chunk_done
+            result: AsyncResult[list[ResultT]] = AsyncResult(self._pool, callback)
             self._inflight[index] = result
             self._pool._submit(_run_chunk, (self._fn, chunk, self._star), {}, result, None)
+
+    def _chunk_done(self, values: list[ResultT]) -> None:
+        assert self._on_progress is not None
+        self._done_items += len(values)
+        self._on_progress(ProgressEvent(self._done_items, self._total))
 
     def _collect(self) -> bool:
         """Move finished chunks to the buffer; True if something is ready to yield."""
@@ -372,7 +418,7 @@ class IMapIterator:
                 self._emit(self._done.pop(index))
         return bool(self._buffer)
 
-    def _emit(self, result: AsyncResult) -> None:
+    def _emit(self, result: AsyncResult[list[ResultT]]) -> None:
         if result._error is not None:
             self._buffer.append(_Raise(result._error))
         elif result._value:
@@ -381,7 +427,7 @@ class IMapIterator:
     def _finished(self) -> bool:
         return self._exhausted and not self._inflight and not self._done
 
-    def _pop(self) -> Any:
+    def _pop(self) -> ResultT:
         chunk = self._buffer[0]
         if isinstance(chunk, _Raise):
             self._buffer.popleft()
@@ -391,13 +437,15 @@ class IMapIterator:
             self._buffer.popleft()
         return item
 
-    def __iter__(self) -> Iterator[Any]:
+    def __iter__(self) -> Self:
         return self
 
-    def __next__(self) -> Any:
+    def __next__(self) -> ResultT:
         return self.next()
 
-    def next(self, timeout: float | None = None) -> Any:
+    def next(self, timeout: float | None = None) -> ResultT:
+        """The next value (blocking, driving the pool); ``multiprocessing.TimeoutError`` after
+        ``timeout`` seconds."""
         self._fill()
         if not self._collect():
             if self._finished():
@@ -414,7 +462,7 @@ class IMapIterator:
     def __aiter__(self) -> Self:
         return self
 
-    async def __anext__(self) -> Any:
+    async def __anext__(self) -> ResultT:
         self._fill()
         if not self._collect():
             if self._finished():
@@ -433,7 +481,7 @@ class _Raise:
     error: BaseException
 
 
-def _run_chunk(fn: Callable[..., Any], chunk: list[Any], star: bool) -> list[Any]:
+def _run_chunk(fn: Callable[..., ResultT], chunk: list[Any], star: bool) -> list[ResultT]:
     if star:
         return [fn(*args) for args in chunk]
     return [fn(x) for x in chunk]

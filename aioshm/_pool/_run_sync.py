@@ -9,12 +9,18 @@ import math
 import os
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, TypeVar, TypeVarTuple
 
 import anyio
 import anyio.lowlevel
 
 from ._pool import WORKER_MAX_IDLE_TIME, Pool
+
+if TYPE_CHECKING:
+    from .._backend import Backend
+
+R = TypeVar("R")
+Ts = TypeVarTuple("Ts")
 
 __all__ = ("current_default_limiter", "current_default_pool", "run_sync")
 
@@ -74,13 +80,13 @@ def current_default_limiter() -> anyio.CapacityLimiter:
         return limiter
 
 
-async def run_sync(
-    func: Callable[..., Any],
-    *args: Any,
+async def run_sync(  # type: ignore[return]  # (a CancelScope could swallow, mypy thinks)
+    func: Callable[[*Ts], R],
+    *args: *Ts,
     cancellable: bool = False,
     limiter: anyio.CapacityLimiter | None = None,
-    backend: Any = None,
-) -> Any:
+    backend: Backend | None = None,
+) -> R:
     """Run ``func(*args)`` in a worker process of the loop's default pool and return its value.
 
     ``anyio.to_process.run_sync`` semantics: at most ``limiter`` calls at once (default: CPU
@@ -91,7 +97,7 @@ async def run_sync(
     call elsewhere (e.g. an :class:`aioshm.RayBackend`).
     """
     if backend is not None and getattr(backend, "name", "local") != "local":
-        return await backend.run_sync(func, *args, cancellable=cancellable, limiter=limiter)
+        return await backend.run_sync(func, *args, cancellable=cancellable, limiter=limiter)  # type: ignore[no-any-return]
     pool = current_default_pool()
     _retire_idle(pool)
     async with limiter or current_default_limiter():
