@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import multiprocessing as _stdlib_mp
 from types import ModuleType as _ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import _procutil, _reduction
 from ._connection import Connection, Pipe
@@ -55,6 +55,30 @@ from ._shm import (
 )
 from ._shm import trim as trim_pool
 from ._version import __version__ as __version__
+
+if TYPE_CHECKING:
+    # The names ``__getattr__`` loads on first use, for type checkers. At run time they stay
+    # lazy: ``import aioshm`` does not import anyio, and ``aioshm.multiprocessing`` never does.
+    import sys
+
+    from ._apool import (
+        AsyncResult,
+        Pool,
+        PoolStatistics,
+        ProgressEvent,
+        current_default_pool,
+        run_sync,
+    )
+    from ._backend import Backend, LocalBackend, local_backend
+    from ._group import AsyncProcessContext, spawn, start_processes
+    from ._group import AsyncProcessContext as ProcessContext
+    from ._ray import RayBackend
+
+    # ``aioshm.Process`` is the default start method's class (see ``Process`` below)
+    if sys.platform == "linux":
+        from ._process import ForkServerProcess as Process
+    else:
+        from ._process import SpawnProcess as Process
 
 __all__ = (
     "DEFAULT_START_METHOD",
@@ -135,31 +159,33 @@ _LAZY_POOL = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        from . import _group
+if not TYPE_CHECKING:  # checkers see the imports above (and an unknown name is an error)
 
-        value = getattr(_group, _LAZY[name])
-        globals()[name] = value
-        return value
-    if name in _LAZY_BACKEND:
-        from . import _backend
+    def __getattr__(name: str) -> Any:
+        if name in _LAZY:
+            from . import _group
 
-        value = getattr(_backend, _LAZY_BACKEND[name])
-        globals()[name] = value
-        return value
-    if name == "RayBackend":
-        from ._ray import RayBackend  # type: ignore[import-not-found,import-untyped,unused-ignore]
+            value = getattr(_group, _LAZY[name])
+            globals()[name] = value
+            return value
+        if name in _LAZY_BACKEND:
+            from . import _backend
 
-        globals()[name] = RayBackend
-        return RayBackend
-    if name in _LAZY_POOL:
-        from . import _apool
+            value = getattr(_backend, _LAZY_BACKEND[name])
+            globals()[name] = value
+            return value
+        if name == "RayBackend":
+            from ._ray import RayBackend
 
-        value = getattr(_apool, _LAZY_POOL[name])
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+            globals()[name] = RayBackend
+            return RayBackend
+        if name in _LAZY_POOL:
+            from . import _apool
+
+            value = getattr(_apool, _LAZY_POOL[name])
+            globals()[name] = value
+            return value
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
@@ -182,8 +208,10 @@ def get_context(method: str | None = None) -> Any:
     return _concrete_contexts[method or DEFAULT_START_METHOD]
 
 
-#: ``aioshm.Process(target=f, args=…)``: a process of the async face's default start method.
-Process = get_context().Process
+if not TYPE_CHECKING:
+    #: ``aioshm.Process(target=f, args=…)``: a process of the async face's default start
+    #: method (``Process[R]``: ``await p`` gives the target's return value, an ``R``).
+    Process = get_context().Process
 
 
 def _preload_forkserver() -> None:

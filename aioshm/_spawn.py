@@ -30,7 +30,7 @@ import warnings
 from collections.abc import Callable, Iterable, Sequence
 from multiprocessing.process import BaseProcess
 from multiprocessing.reduction import ForkingPickler
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 from . import _connection, _procutil, _reduction
 from ._exceptions import (
@@ -40,6 +40,7 @@ from ._exceptions import (
     RemoteTraceback,
     signal_name_of,
 )
+from ._typing import ReturnT
 
 __all__ = (
     "ENV_VAR_PARALLEL_START",
@@ -152,8 +153,10 @@ def _fn_name(fn: Callable[..., object]) -> str:
 # parent side
 
 
-class ProcessContext:
+class ProcessContext(Generic[ReturnT]):
     """A started group of ranks (torch's ``ProcessContext``), plus their return values.
+
+    Generic in what each rank's function returns (``ProcessContext[R]``).
 
     ``processes[i]`` runs rank ``i``; ``result_conns[i]`` is the reading end of its result pipe
     (the context owns it and closes it). ``results[i]`` holds rank ``i``'s return value once
@@ -431,14 +434,17 @@ def _kill_and_reap(processes: Iterable[BaseProcess]) -> None:
             process.join()
 
 
+_ContextT = TypeVar("_ContextT", bound=ProcessContext)
+
+
 def _start(
     fn: Callable[..., object],
     args: Sequence[object],
     nprocs: int,
     daemon: bool,
     start_method: str,
-    context_class: type[ProcessContext],
-) -> ProcessContext:
+    context_class: type[_ContextT],
+) -> _ContextT:
     """Start the ranks and return a ``context_class`` over them (shared with the async face)."""
     if not isinstance(nprocs, int) or nprocs < 1:
         raise ValueError(f"nprocs must be a positive int, got {nprocs!r}")
