@@ -30,7 +30,7 @@ import warnings
 from collections.abc import Callable, Iterable, Sequence
 from multiprocessing.process import BaseProcess
 from multiprocessing.reduction import ForkingPickler
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar, overload
 
 from . import _connection, _procutil, _reduction
 from ._exceptions import (
@@ -40,7 +40,7 @@ from ._exceptions import (
     RemoteTraceback,
     signal_name_of,
 )
-from ._typing import ReturnT
+from ._typing import ReturnT, Ts
 
 __all__ = (
     "ENV_VAR_PARALLEL_START",
@@ -506,6 +506,25 @@ def _start(
     return context_class(processes, readers)
 
 
+# ``fn(rank, *args)``: the rank first, then ``args``, checked against ``fn``'s parameters.
+@overload
+def start_processes(
+    fn: Callable[[int], ReturnT],
+    args: tuple[()] = (),
+    nprocs: int = 1,
+    join: bool = True,
+    daemon: bool = False,
+    start_method: str = "spawn",
+) -> ProcessContext[ReturnT] | None: ...
+@overload
+def start_processes(
+    fn: Callable[[int, *Ts], ReturnT],
+    args: tuple[*Ts],
+    nprocs: int = 1,
+    join: bool = True,
+    daemon: bool = False,
+    start_method: str = "spawn",
+) -> ProcessContext[ReturnT] | None: ...
 def start_processes(
     fn: Callable[..., object],
     args: Sequence[object] = (),
@@ -513,7 +532,7 @@ def start_processes(
     join: bool = True,
     daemon: bool = False,
     start_method: str = "spawn",
-) -> ProcessContext | None:
+) -> ProcessContext[Any] | None:
     """Start ``nprocs`` processes running ``fn(rank, *args)`` (torch's ``start_processes``).
 
     ``fn`` must be importable by the children under ``spawn`` and ``forkserver``. With
@@ -522,6 +541,18 @@ def start_processes(
     and returns None (raising on the first failure); otherwise it returns the
     :class:`ProcessContext`.
     """
+    return _start_processes(fn, args, nprocs, join, daemon, start_method)
+
+
+def _start_processes(
+    fn: Callable[..., object],
+    args: Sequence[object],
+    nprocs: int,
+    join: bool,
+    daemon: bool,
+    start_method: str,
+) -> ProcessContext[Any] | None:
+    """:func:`start_processes` and :func:`spawn`, unchecked (their overloads check callers)."""
     context = _start(fn, args, nprocs, daemon, start_method, ProcessContext)
     if not join:
         return context
@@ -530,6 +561,24 @@ def start_processes(
     return None
 
 
+@overload
+def spawn(
+    fn: Callable[[int], ReturnT],
+    args: tuple[()] = (),
+    nprocs: int = 1,
+    join: bool = True,
+    daemon: bool = False,
+    start_method: str = "spawn",
+) -> ProcessContext[ReturnT] | None: ...
+@overload
+def spawn(
+    fn: Callable[[int, *Ts], ReturnT],
+    args: tuple[*Ts],
+    nprocs: int = 1,
+    join: bool = True,
+    daemon: bool = False,
+    start_method: str = "spawn",
+) -> ProcessContext[ReturnT] | None: ...
 def spawn(
     fn: Callable[..., object],
     args: Sequence[object] = (),
@@ -537,7 +586,7 @@ def spawn(
     join: bool = True,
     daemon: bool = False,
     start_method: str = "spawn",
-) -> ProcessContext | None:
+) -> ProcessContext[Any] | None:
     """torch's ``spawn``: :func:`start_processes` with ``start_method="spawn"``, always.
 
     Any other ``start_method`` is ignored with a :class:`FutureWarning`.
@@ -549,4 +598,4 @@ def spawn(
             " aioshm.multiprocessing.start_processes(...)"
         )
         warnings.warn(msg, FutureWarning, stacklevel=2)
-    return start_processes(fn, args, nprocs, join, daemon, start_method="spawn")
+    return _start_processes(fn, args, nprocs, join, daemon, "spawn")

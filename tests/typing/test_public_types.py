@@ -182,10 +182,16 @@ async def check_spawn(a: Array) -> None:
     aioshm.spawn(rank_squared, args=[1])  # type: ignore[call-overload]
 
 
-def check_sync_spawn(ctx: mp.ProcessContext[int]) -> None:
-    """The drop-in's torch face: ``ProcessContext[R]`` (generic, like the async one)."""
+def check_sync_spawn(a: Array) -> None:
+    """The drop-in's torch face: the same checks; ``ProcessContext[R]`` unless joined."""
+    ctx = mp.start_processes(rank_squared, nprocs=2, join=False, start_method="forkserver")
+    assert_type(ctx, mp.ProcessContext[int] | None)
+    assert ctx is not None
     assert_type(ctx.join(timeout=1.0), bool)
     assert_type(ctx.pids(), list[int])
+    assert_type(mp.spawn(rank_scaled, (a, 2.0), 2, False), mp.ProcessContext[float] | None)
+    mp.spawn(rank_scaled, (a, "2"))  # type: ignore[arg-type]
+    mp.start_processes(add)  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------- Process
