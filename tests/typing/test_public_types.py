@@ -18,6 +18,7 @@ import sys
 from collections.abc import Awaitable
 from typing import Any, assert_type
 
+import anyio
 import numpy as np
 import numpy.typing as npt
 import pytest
@@ -49,6 +50,10 @@ def shout(text: str, *, times: int = 1) -> str:
 
 def nothing() -> None:
     return None
+
+
+def put_sum(q: aioshm.Queue[int], x: int, y: int) -> None:
+    q.put(x + y)
 
 
 # --------------------------------------------------------------------------- queues
@@ -303,3 +308,17 @@ async def check_pipe_async_at_run_time() -> None:
     sender.close()
     assert [msg async for msg in receiver] == []
     receiver.close()
+
+
+@pytest.mark.anyio
+async def test_subscripted_objects_reach_a_child() -> None:
+    """A ``Process[int]`` and a ``Queue[int]`` (instances made through the subscripted class
+    carry ``__orig_class__``) start, pickle to the child and return as without the subscript."""
+    q = aioshm.Queue[int]()
+    try:
+        with anyio.fail_after(60):
+            assert await aioshm.Process[int](target=add, args=(1, 2)) == 3
+            await aioshm.Process[None](target=put_sum, args=(q, 2, 3))
+            assert await q.get_async() == 5
+    finally:
+        q.close()
