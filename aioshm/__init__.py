@@ -159,33 +159,36 @@ _LAZY_POOL = {
 }
 
 
-if not TYPE_CHECKING:  # checkers see the imports above (and an unknown name is an error)
+def _lazy_attribute(name: str) -> Any:
+    """``aioshm.NAME`` for the names loaded on first use (the module's ``__getattr__``)."""
+    if name in _LAZY:
+        from . import _group
 
-    def __getattr__(name: str) -> Any:
-        if name in _LAZY:
-            from . import _group
+        value = getattr(_group, _LAZY[name])
+        globals()[name] = value
+        return value
+    if name in _LAZY_BACKEND:
+        from . import _backend
 
-            value = getattr(_group, _LAZY[name])
-            globals()[name] = value
-            return value
-        if name in _LAZY_BACKEND:
-            from . import _backend
+        value = getattr(_backend, _LAZY_BACKEND[name])
+        globals()[name] = value
+        return value
+    if name == "RayBackend":
+        from ._ray import RayBackend  # type: ignore[import-not-found,import-untyped,unused-ignore]
 
-            value = getattr(_backend, _LAZY_BACKEND[name])
-            globals()[name] = value
-            return value
-        if name == "RayBackend":
-            from ._ray import RayBackend
+        globals()[name] = RayBackend
+        return RayBackend
+    if name in _LAZY_POOL:
+        from . import _apool
 
-            globals()[name] = RayBackend
-            return RayBackend
-        if name in _LAZY_POOL:
-            from . import _apool
+        value = getattr(_apool, _LAZY_POOL[name])
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-            value = getattr(_apool, _LAZY_POOL[name])
-            globals()[name] = value
-            return value
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+if not TYPE_CHECKING:  # checkers see the imports above, and an unknown name is an error
+    __getattr__ = _lazy_attribute
 
 
 def __dir__() -> list[str]:
