@@ -57,10 +57,24 @@ from ._shm import (
 from ._shm import trim as trim_pool
 from ._version import __version__ as __version__
 
-if TYPE_CHECKING:  # the lazily loaded pool names (see _LAZY_POOL), for type checkers
+if TYPE_CHECKING:
+    # The names ``__getattr__`` loads on first use, for type checkers. At run time they stay
+    # lazy: ``import aioshm`` does not import anyio, and ``aioshm.multiprocessing`` never does.
+    import sys
+
+    from ._backend import Backend, LocalBackend, local_backend
+    from ._group import AsyncProcessContext, spawn, start_processes
+    from ._group import AsyncProcessContext as ProcessContext
     from ._pool._pool import Pool
     from ._pool._results import AsyncResult, PoolStatistics, ProgressEvent
     from ._pool._run_sync import current_default_pool, run_sync
+    from ._ray import RayBackend
+
+    # ``aioshm.Process`` is the default start method's class (see ``Process`` below)
+    if sys.platform == "linux":
+        from ._process import ForkServerProcess as Process
+    else:
+        from ._process import SpawnProcess as Process
 
 __all__ = (
     "DEFAULT_START_METHOD",
@@ -142,7 +156,8 @@ _LAZY_POOL = {
 }
 
 
-def __getattr__(name: str) -> Any:
+def _lazy_attribute(name: str) -> Any:
+    """``aioshm.NAME`` for the names loaded on first use (the module's ``__getattr__``)."""
     if name in _LAZY:
         from . import _group
 
@@ -169,6 +184,10 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+if not TYPE_CHECKING:  # checkers see the imports above, and an unknown name is an error
+    __getattr__ = _lazy_attribute
+
+
 def __dir__() -> list[str]:
     """``dir(aioshm)``: the public API (lazily loaded names included) and the public
     submodules, not the helpers this module imports."""
@@ -192,8 +211,10 @@ def get_context(method: str | None = None) -> Any:
         raise ValueError(f"cannot find context for {method!r}") from None
 
 
-#: ``aioshm.Process(target=f, args=…)``: a process of the async face's default start method.
-Process = get_context().Process
+if not TYPE_CHECKING:
+    #: ``aioshm.Process(target=f, args=…)``: a process of the async face's default start
+    #: method (``Process[R]``: ``await p`` gives the target's return value, an ``R``).
+    Process = get_context().Process
 
 
 def _preload_forkserver() -> None:

@@ -123,7 +123,7 @@ class LocalBackend:
     ) -> Any:
         from ._group import start_processes
 
-        return start_processes(fn, args, nprocs, daemon=daemon, start_method=start_method)
+        return start_processes(fn, tuple(args), nprocs, daemon=daemon, start_method=start_method)
 
     def Pool(
         self,

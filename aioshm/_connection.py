@@ -26,12 +26,14 @@ import struct
 import sys
 import threading
 import time
+from collections.abc import AsyncIterator
 from multiprocessing import connection as _mp_connection
-from typing import Any, Final
+from typing import Any, Final, Generic
 
 from . import _reduction
 from ._exceptions import FdLimitError, ProtocolError
 from ._reduction import FD_HEADER, FD_MAGIC, MAX_FDS_PER_MESSAGE
+from ._typing import RecvT_co, SendT_contra
 from ._wire import NEED_DATA, FrameDecoder, encode_frame
 
 __all__ = ("MAX_RECORD", "Connection", "Pipe", "RecordChannel", "record_pair")
@@ -90,8 +92,12 @@ def _rlimit_hint(exc: OSError) -> OSError:
 # --------------------------------------------------------------------------- Pipe connections
 
 
-class Connection(_mp_connection.Connection):
+class Connection(_mp_connection.Connection, Generic[SendT_contra, RecvT_co]):
     """A stdlib ``Connection`` over a Unix socket that also carries shared-memory fds.
+
+    ``Connection[S, R]`` sends ``S`` and receives ``R`` (like typeshed's stdlib
+    ``Connection``); :func:`Pipe` returns ``Connection[Any, Any]`` ends, which an annotation
+    narrows: ``parent: aioshm.Connection[Request, Reply]``.
 
     ``send``/``recv`` pickle with aioshm's reducers; arrays in shared memory travel as handles
     whose fds ride with the frame. ``send_bytes``/``recv_bytes`` are byte-for-byte the
@@ -133,7 +139,7 @@ class Connection(_mp_connection.Connection):
         super()._close()
 
     # -- sending ----------------------------------------------------------------------------
-    def send(self, obj: Any) -> None:
+    def send(self, obj: SendT_contra) -> None:
         """Send a picklable object; ndarrays in shared memory go as handles with their fds."""
         self._check_closed()
         self._check_writable()
@@ -318,7 +324,7 @@ class Connection(_mp_connection.Connection):
                 return got
             self._read_some(0)
 
-    def recv(self) -> Any:
+    def recv(self) -> RecvT_co:
         """Receive an object sent with :meth:`send` (or by a stdlib ``Connection``)."""
         self._check_closed()
         self._check_readable()
@@ -341,11 +347,11 @@ class Connection(_mp_connection.Connection):
         return bool(_mp_connection.wait([self], timeout))
 
     # -- async twins (implemented in aioshm._transport, the layer that imports anyio) -------
-    async def send_async(self, obj: Any) -> None:
+    async def send_async(self, obj: SendT_contra) -> None:
         """Awaitable :meth:`send`: never blocks the event loop."""
         await (_impl or _load_impl()).send_async(self, obj)
 
-    async def recv_async(self) -> Any:
+    async def recv_async(self) -> RecvT_co:
         """Awaitable :meth:`recv`. Cancelling it loses no bytes."""
         return await (_impl or _load_impl()).recv_async(self)
 
@@ -363,7 +369,8 @@ class Connection(_mp_connection.Connection):
         ready: bool = await (_impl or _load_impl()).poll_async(self, timeout)
         return ready
 
-    def __aiter__(self) -> Any:
+    def __aiter__(self) -> AsyncIterator[RecvT_co]:
+        """``async for msg in conn``: receive until EOF."""
         return (_impl or _load_impl()).iterate(self)
 
     def __reduce__(self) -> tuple[Any, ...]:

@@ -20,9 +20,9 @@ import math
 import select
 import time
 import warnings
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Awaitable, Callable, Generator, Sequence
 from types import TracebackType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self, overload
 
 import anyio
 import anyio.lowlevel
@@ -32,6 +32,10 @@ from ._context import DEFAULT_START_METHOD
 from ._process import DEFAULT_GRACE_PERIOD, Lost, report_of
 from ._transport._proc import wait_reapable
 from ._transport._waits import MultiWait, current_async_library
+from ._typing import ReturnT, Ts
+
+if TYPE_CHECKING:
+    from ._backend import Backend
 
 __all__ = ("DEFAULT_START_METHOD", "AsyncProcessContext", "spawn", "start_processes")
 
@@ -45,15 +49,19 @@ def _ready(fds: list[int]) -> set[int]:
     return {fd for fd, _ in p.poll(0)}
 
 
-class AsyncProcessContext(_spawn.ProcessContext):
-    """A started group of ranks: torch's ``ProcessContext`` with an awaitable face."""
+class AsyncProcessContext(_spawn.ProcessContext[ReturnT]):
+    """A started group of ranks: torch's ``ProcessContext`` with an awaitable face.
+
+    ``AsyncProcessContext[R]``: each rank's function returns ``R``; ``await ctx`` gives a
+    ``list[R]`` in rank order.
+    """
 
     grace_period: float = DEFAULT_GRACE_PERIOD
 
-    def __await__(self) -> Generator[Any, None, list[Any]]:
+    def __await__(self) -> Generator[Any, None, list[ReturnT]]:
         return self._all_results().__await__()
 
-    async def _all_results(self) -> list[Any]:
+    async def _all_results(self) -> list[ReturnT]:
         while not await self.join_async(grace_period=self.grace_period):
             pass
         return list(self.results)
@@ -184,10 +192,52 @@ def _warn_fork_in_loop(start_method: str) -> None:
         "aioshm: starting processes with 'fork' while an event loop is running is unsafe "
         "(the child inherits the loop and its threads); prefer 'forkserver' or 'spawn'",
         RuntimeWarning,
-        stacklevel=3,
+        stacklevel=4,
     )
 
 
+# ``fn(rank, *args)``: the rank first, then ``args``, checked against ``fn``'s parameters. With
+# a backend the result is that backend's awaitable context (``await`` gives the same list).
+@overload
+def start_processes(
+    fn: Callable[[int], ReturnT],
+    args: tuple[()] = (),
+    nprocs: int = 1,
+    *,
+    daemon: bool = False,
+    start_method: str | None = None,
+    backend: None = None,
+) -> AsyncProcessContext[ReturnT]: ...
+@overload
+def start_processes(
+    fn: Callable[[int, *Ts], ReturnT],
+    args: tuple[*Ts],
+    nprocs: int = 1,
+    *,
+    daemon: bool = False,
+    start_method: str | None = None,
+    backend: None = None,
+) -> AsyncProcessContext[ReturnT]: ...
+@overload
+def start_processes(
+    fn: Callable[[int], ReturnT],
+    args: tuple[()] = (),
+    nprocs: int = 1,
+    *,
+    daemon: bool = False,
+    start_method: str | None = None,
+    backend: Backend,
+) -> Awaitable[list[ReturnT]]: ...
+@overload
+def start_processes(
+    fn: Callable[[int, *Ts], ReturnT],
+    args: tuple[*Ts],
+    nprocs: int = 1,
+    *,
+    daemon: bool = False,
+    start_method: str | None = None,
+    backend: Backend,
+) -> Awaitable[list[ReturnT]]: ...
 def start_processes(
     fn: Callable[..., object],
     args: Sequence[object] = (),
@@ -195,21 +245,73 @@ def start_processes(
     *,
     daemon: bool = False,
     start_method: str | None = None,
-    backend: Any = None,
-) -> AsyncProcessContext:
+    backend: Backend | None = None,
+) -> Awaitable[list[Any]]:
     """Start ``nprocs`` processes running ``fn(rank, *args)``; return the context at once.
 
     ``await`` the context for the return values in rank order. The default start method is
     :data:`DEFAULT_START_METHOD` (forkserver on Linux); ``fork`` only on request, with a
     warning when an event loop is running.
     """
+    return _start(fn, args, nprocs, daemon, start_method, backend)
+
+
+def _start(
+    fn: Callable[..., object],
+    args: Sequence[object],
+    nprocs: int,
+    daemon: bool,
+    start_method: str | None,
+    backend: Backend | None,
+) -> Awaitable[list[Any]]:
+    """:func:`start_processes` and :func:`spawn`, unchecked (their overloads check callers)."""
     if backend is not None and getattr(backend, "name", "local") != "local":
         return backend.spawn(fn, args, nprocs, daemon=daemon, start_method=start_method)  # type: ignore[no-any-return]
     method = start_method or DEFAULT_START_METHOD
     _warn_fork_in_loop(method)
-    return _spawn._start(fn, args, nprocs, daemon, method, AsyncProcessContext)  # type: ignore[return-value]
+    return _spawn._start(fn, args, nprocs, daemon, method, AsyncProcessContext)
 
 
+@overload
+def spawn(
+    fn: Callable[[int], ReturnT],
+    args: tuple[()] = (),
+    nprocs: int = 1,
+    *,
+    daemon: bool = False,
+    start_method: str | None = None,
+    backend: None = None,
+) -> AsyncProcessContext[ReturnT]: ...
+@overload
+def spawn(
+    fn: Callable[[int, *Ts], ReturnT],
+    args: tuple[*Ts],
+    nprocs: int = 1,
+    *,
+    daemon: bool = False,
+    start_method: str | None = None,
+    backend: None = None,
+) -> AsyncProcessContext[ReturnT]: ...
+@overload
+def spawn(
+    fn: Callable[[int], ReturnT],
+    args: tuple[()] = (),
+    nprocs: int = 1,
+    *,
+    daemon: bool = False,
+    start_method: str | None = None,
+    backend: Backend,
+) -> Awaitable[list[ReturnT]]: ...
+@overload
+def spawn(
+    fn: Callable[[int, *Ts], ReturnT],
+    args: tuple[*Ts],
+    nprocs: int = 1,
+    *,
+    daemon: bool = False,
+    start_method: str | None = None,
+    backend: Backend,
+) -> Awaitable[list[ReturnT]]: ...
 def spawn(
     fn: Callable[..., object],
     args: Sequence[object] = (),
@@ -217,8 +319,8 @@ def spawn(
     *,
     daemon: bool = False,
     start_method: str | None = None,
-    backend: Any = None,
-) -> AsyncProcessContext:
+    backend: Backend | None = None,
+) -> Awaitable[list[Any]]:
     """``await aioshm.spawn(fn, args, nprocs)`` → ``[fn(0, *args), fn(1, *args), …]``.
 
     Returns the :class:`AsyncProcessContext` at once (the processes are running); awaiting it
@@ -226,6 +328,4 @@ def spawn(
     other ranks were stopped. ``backend`` runs the ranks elsewhere (e.g. an
     :class:`aioshm.RayBackend`); the default is local processes.
     """
-    return start_processes(
-        fn, args, nprocs, daemon=daemon, start_method=start_method, backend=backend
-    )
+    return _start(fn, args, nprocs, daemon, start_method, backend)

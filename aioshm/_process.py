@@ -29,11 +29,11 @@ import multiprocessing.context as _mp_context
 import pickle
 import sys
 import traceback
-from collections.abc import Callable, Generator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from multiprocessing.reduction import ForkingPickler
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any, Generic, Self, overload
 
 from . import _procutil, _reduction
 from ._connection import Connection, Pipe
@@ -44,6 +44,7 @@ from ._exceptions import (
     RemoteTraceback,
     signal_name_of,
 )
+from ._typing import ReturnT, Ts
 from ._wire._report import Raised, Report, Returned, decode_report, encode_report
 
 __all__ = (
@@ -262,14 +263,78 @@ def rebuild_failure(
     )
 
 
-class _ResultMixin:
-    """Adds the result pipe and the async face to a stdlib process class."""
+class _ResultMixin(Generic[ReturnT]):
+    """Adds the result pipe and the async face to a stdlib process class.
+
+    Generic in the target's return type: ``Process(target=f, args=(x,))`` is a
+    ``Process[R]`` when ``f`` returns ``R``, and ``await p`` (or ``p.result()``) gives an ``R``.
+    """
 
     _result_w: Connection | None = None
     _result_r: Connection | None = None
     _report: Any = _NO_REPORT
     _async_state: Any = None
     grace_period: float = DEFAULT_GRACE_PERIOD
+
+    if TYPE_CHECKING:
+        # The stdlib's constructor, with the target's arguments checked against ``args`` and
+        # its return type kept (for ``await p``). Checkers only: the stdlib's runs.
+        @overload
+        def __init__(
+            self,
+            group: None = None,
+            *,
+            target: Callable[[], ReturnT],
+            name: str | None = None,
+            daemon: bool | None = None,
+        ) -> None: ...
+        @overload
+        def __init__(
+            self,
+            group: None = None,
+            *,
+            target: Callable[[*Ts], ReturnT],
+            name: str | None = None,
+            args: tuple[*Ts],
+            daemon: bool | None = None,
+        ) -> None: ...
+        @overload
+        def __init__(  # keyword arguments, or a list of arguments: not checked one by one
+            self,
+            group: None = None,
+            *,
+            target: Callable[..., ReturnT],
+            name: str | None = None,
+            args: list[Any] | tuple[Any, ...] = (),
+            kwargs: Mapping[str, Any],
+            daemon: bool | None = None,
+        ) -> None: ...
+        @overload
+        def __init__(
+            self,
+            group: None = None,
+            *,
+            target: Callable[..., ReturnT],
+            name: str | None = None,
+            args: list[Any],
+            daemon: bool | None = None,
+        ) -> None: ...
+        @overload
+        def __init__(  # positional, as the stdlib allows: not checked one by one
+            self,
+            group: None,
+            target: Callable[..., ReturnT] | None = None,
+            name: str | None = None,
+            args: Iterable[Any] = (),
+            kwargs: Mapping[str, Any] = {},
+            *,
+            daemon: bool | None = None,
+        ) -> None: ...
+        @overload
+        def __init__(  # no target: a subclass that overrides run()
+            self, group: None = None, *, name: str | None = None, daemon: bool | None = None
+        ) -> None: ...
+        def __init__(self, *args: Any, **kwargs: Any) -> None: ...
 
     # -- parent: starting -------------------------------------------------------------------
     def start(self) -> None:
@@ -343,7 +408,7 @@ class _ResultMixin:
             raise error
         return report.value if isinstance(report, Returned) else None
 
-    def result(self, timeout: float | None = None) -> Any:
+    def result(self, timeout: float | None = None) -> ReturnT:
         """Blocking: wait for the child and return its result (or raise its failure)."""
         from multiprocessing.connection import wait
 
@@ -367,7 +432,7 @@ class _ResultMixin:
         return self._outcome()
 
     # -- async face ---------------------------------------------------------------------------
-    def __await__(self) -> Generator[Any, None, Any]:
+    def __await__(self) -> Generator[Any, None, ReturnT]:
         from ._transport import _proc
 
         return _proc.result_async(self).__await__()
@@ -378,7 +443,7 @@ class _ResultMixin:
 
         await _proc.join_async(self, timeout)
 
-    async def __aenter__(self) -> Any:
+    async def __aenter__(self) -> Self:
         if self._popen is None:  # type: ignore[attr-defined]
             self.start()
         return self
@@ -401,20 +466,20 @@ def _none() -> None:
     return None
 
 
-class Process(_ResultMixin, _mp_context.Process):
+class Process(_ResultMixin[ReturnT], _mp_context.Process):
     """A process of the default start method, with a return value and an awaitable face."""
 
 
-class SpawnProcess(_ResultMixin, _mp_context.SpawnProcess):
+class SpawnProcess(_ResultMixin[ReturnT], _mp_context.SpawnProcess):
     """A ``spawn`` process with a return value and an awaitable face."""
 
 
 if sys.platform != "win32":
 
-    class ForkProcess(_ResultMixin, _mp_context.ForkProcess):
+    class ForkProcess(_ResultMixin[ReturnT], _mp_context.ForkProcess):
         """A ``fork`` process with a return value and an awaitable face."""
 
-    class ForkServerProcess(_ResultMixin, _mp_context.ForkServerProcess):
+    class ForkServerProcess(_ResultMixin[ReturnT], _mp_context.ForkServerProcess):
         """A ``forkserver`` process with a return value and an awaitable face."""
 
         @staticmethod

@@ -30,9 +30,9 @@ import struct
 import termios
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from multiprocessing import context as _mp_context
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final, Generic, Self, overload
 
 from . import _backend, _reduction
 from ._connection import anon_fd, record_pair
@@ -40,6 +40,10 @@ from ._connection import poll_until as _poll_until
 from ._connection import wait_any as _wait_any
 from ._exceptions import QueueShutDown
 from ._shm._segment import HAS_OFD, ofd_lock_byte
+from ._typing import ItemT
+
+if TYPE_CHECKING:
+    from ._backend import Backend
 
 __all__ = ("JoinableQueue", "Queue", "SimpleQueue")
 
@@ -200,12 +204,18 @@ def _close_fds(channels: list[Any], fds: list[int]) -> None:
             pass
 
 
-class Queue:
+class Queue(Generic[ItemT]):
     """A process-shared FIFO queue with the stdlib ``multiprocessing.Queue`` API.
 
-    ``backend`` (keyword) makes another engine's queue with the same face (e.g. on Ray).
+    ``Queue[T]`` is generic in what it carries (``aioshm.Queue[int](maxsize=8)``): ``put``
+    takes a ``T``, ``get`` returns one. ``backend`` (keyword) makes another engine's queue with
+    the same face (e.g. on Ray).
     """
 
+    @overload
+    def __new__(cls, maxsize: int = 0, *, ctx: Any = None, backend: None = None) -> Self: ...
+    @overload
+    def __new__(cls, maxsize: int = 0, *, ctx: Any = None, backend: Backend) -> Any: ...
     def __new__(cls, maxsize: int = 0, *, ctx: Any = None, backend: Any = None) -> Any:
         if backend is not None:  # another engine's queue (it has maxsize, not ctx)
             remote = _backend.engine_queue(
@@ -338,7 +348,7 @@ class Queue:
         return got
 
     # -- the stdlib API ---------------------------------------------------------------------
-    def put(self, obj: Any, block: bool = True, timeout: float | None = None) -> None:
+    def put(self, obj: ItemT, block: bool = True, timeout: float | None = None) -> None:
         """Put ``obj`` on the queue; block (up to ``timeout``) while it is full.
 
         :raises queue.Full: if no slot frees up in time (or at once, with ``block=False``).
@@ -368,7 +378,7 @@ class Queue:
         finally:
             _reduction.close_owned(fds, owned)
 
-    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+    def get(self, block: bool = True, timeout: float | None = None) -> ItemT:
         """Remove and return an item; block (up to ``timeout``) while the queue is empty.
 
         :raises queue.Empty: if nothing arrives in time (or at once, with ``block=False``).
@@ -407,11 +417,11 @@ class Queue:
             poller.register(self._shut_r, _POLLIN)
         return _poll_until(poller, deadline)
 
-    def put_nowait(self, obj: Any) -> None:
+    def put_nowait(self, obj: ItemT) -> None:
         """``put(obj, False)``."""
         self.put(obj, False)
 
-    def get_nowait(self) -> Any:
+    def get_nowait(self) -> ItemT:
         """``get(False)``."""
         return self.get(False)
 
@@ -460,20 +470,20 @@ class Queue:
         """Stdlib compatibility: nothing to cancel (no feeder thread)."""
 
     # -- the async face (implemented in aioshm._transport) ----------------------------------
-    async def put_async(self, obj: Any, block: bool = True, timeout: float | None = None) -> None:
+    async def put_async(self, obj: ItemT, block: bool = True, timeout: float | None = None) -> None:
         """Awaitable :meth:`put`: a full queue suspends the task, never the event loop."""
         await (_impl or _load_impl()).put_async(self, obj, block, timeout)
 
-    async def get_async(self, block: bool = True, timeout: float | None = None) -> Any:
+    async def get_async(self, block: bool = True, timeout: float | None = None) -> ItemT:
         """Awaitable :meth:`get`. Cancelling it never loses an item."""
         return await (_impl or _load_impl()).get_async(self, block, timeout)
 
-    def __aiter__(self) -> Any:
+    def __aiter__(self) -> AsyncIterator[ItemT]:
         """``async for item in q``: get items until the queue is shut down and drained."""
         return (_impl or _load_impl()).iterate(self)
 
 
-class JoinableQueue(Queue):
+class JoinableQueue(Queue[ItemT]):
     """A :class:`Queue` with ``task_done()`` and ``join()`` (and ``join_async()``).
 
     Unfinished tasks are counted in a pipe (one byte each), and a second pipe gets a byte
@@ -558,8 +568,10 @@ def _write_blocking(fd: int) -> None:
             _wait_any([(fd, _POLLOUT)], None)
 
 
-class SimpleQueue:
-    """An unbounded queue with only ``put``, ``get``, ``empty`` and ``close`` (stdlib API)."""
+class SimpleQueue(Generic[ItemT]):
+    """An unbounded queue with only ``put``, ``get``, ``empty`` and ``close`` (stdlib API).
+
+    ``SimpleQueue[T]`` is generic in what it carries, like :class:`Queue`."""
 
     def __init__(self, *, ctx: Any = None) -> None:
         ctx = ctx if ctx is not None else multiprocessing.get_context()
@@ -590,19 +602,19 @@ class SimpleQueue:
         self._reader.close()
         self._writer.close()
 
-    def get(self) -> Any:
+    def get(self) -> ItemT:
         """Remove and return an item, blocking while the queue is empty."""
         return self._reader.recv()
 
-    def put(self, obj: Any) -> None:
+    def put(self, obj: ItemT) -> None:
         """Put ``obj`` on the queue."""
         self._writer.send(obj)
 
-    async def get_async(self) -> Any:
+    async def get_async(self) -> ItemT:
         """Awaitable :meth:`get`."""
         return await (_impl or _load_impl()).simple_get_async(self)
 
-    async def put_async(self, obj: Any) -> None:
+    async def put_async(self, obj: ItemT) -> None:
         """Awaitable :meth:`put`."""
         await (_impl or _load_impl()).simple_put_async(self, obj)
 

@@ -26,11 +26,12 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from multiprocessing.process import BaseProcess
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar, overload
 
 from . import _connection, _process, _procutil, _reduction
 from ._exceptions import ProcessException
 from ._process import Lost, rebuild_failure, report_of, run_and_report
+from ._typing import ReturnT, Ts
 from ._wire._report import Report, Returned
 
 __all__ = (
@@ -107,8 +108,10 @@ def _fn_name(fn: Callable[..., object]) -> str:
 # parent side
 
 
-class ProcessContext:
+class ProcessContext(Generic[ReturnT]):
     """A started group of ranks (torch's ``ProcessContext``), plus their return values.
+
+    Generic in what each rank's function returns (``ProcessContext[R]``).
 
     ``processes[i]`` runs rank ``i``; ``result_conns[i]`` is the reading end of its result pipe
     (the context owns it and closes it). ``results[i]`` holds rank ``i``'s return value once
@@ -358,14 +361,17 @@ def _kill_and_reap(processes: Iterable[BaseProcess]) -> None:
             process.join()
 
 
+_ContextT = TypeVar("_ContextT", bound=ProcessContext)
+
+
 def _start(
     fn: Callable[..., object],
     args: Sequence[object],
     nprocs: int,
     daemon: bool,
     start_method: str,
-    context_class: type[ProcessContext],
-) -> ProcessContext:
+    context_class: type[_ContextT],
+) -> _ContextT:
     """Start the ranks and return a ``context_class`` over them (shared with the async face)."""
     if not isinstance(nprocs, int) or nprocs < 1:
         raise ValueError(f"nprocs must be a positive int, got {nprocs!r}")
@@ -427,6 +433,25 @@ def _start(
     return context_class(processes, readers)
 
 
+# ``fn(rank, *args)``: the rank first, then ``args``, checked against ``fn``'s parameters.
+@overload
+def start_processes(
+    fn: Callable[[int], ReturnT],
+    args: tuple[()] = (),
+    nprocs: int = 1,
+    join: bool = True,
+    daemon: bool = False,
+    start_method: str = "spawn",
+) -> ProcessContext[ReturnT] | None: ...
+@overload
+def start_processes(
+    fn: Callable[[int, *Ts], ReturnT],
+    args: tuple[*Ts],
+    nprocs: int = 1,
+    join: bool = True,
+    daemon: bool = False,
+    start_method: str = "spawn",
+) -> ProcessContext[ReturnT] | None: ...
 def start_processes(
     fn: Callable[..., object],
     args: Sequence[object] = (),
@@ -434,7 +459,7 @@ def start_processes(
     join: bool = True,
     daemon: bool = False,
     start_method: str = "spawn",
-) -> ProcessContext | None:
+) -> ProcessContext[Any] | None:
     """Start ``nprocs`` processes running ``fn(rank, *args)`` (torch's ``start_processes``).
 
     ``fn`` must be importable by the children under ``spawn`` and ``forkserver``. With
@@ -443,6 +468,18 @@ def start_processes(
     and returns None (raising on the first failure); otherwise it returns the
     :class:`ProcessContext`.
     """
+    return _start_processes(fn, args, nprocs, join, daemon, start_method)
+
+
+def _start_processes(
+    fn: Callable[..., object],
+    args: Sequence[object],
+    nprocs: int,
+    join: bool,
+    daemon: bool,
+    start_method: str,
+) -> ProcessContext[Any] | None:
+    """:func:`start_processes` and :func:`spawn`, unchecked (their overloads check callers)."""
     context = _start(fn, args, nprocs, daemon, start_method, ProcessContext)
     if not join:
         return context
@@ -451,6 +488,24 @@ def start_processes(
     return None
 
 
+@overload
+def spawn(
+    fn: Callable[[int], ReturnT],
+    args: tuple[()] = (),
+    nprocs: int = 1,
+    join: bool = True,
+    daemon: bool = False,
+    start_method: str = "spawn",
+) -> ProcessContext[ReturnT] | None: ...
+@overload
+def spawn(
+    fn: Callable[[int, *Ts], ReturnT],
+    args: tuple[*Ts],
+    nprocs: int = 1,
+    join: bool = True,
+    daemon: bool = False,
+    start_method: str = "spawn",
+) -> ProcessContext[ReturnT] | None: ...
 def spawn(
     fn: Callable[..., object],
     args: Sequence[object] = (),
@@ -458,7 +513,7 @@ def spawn(
     join: bool = True,
     daemon: bool = False,
     start_method: str = "spawn",
-) -> ProcessContext | None:
+) -> ProcessContext[Any] | None:
     """torch's ``spawn``: :func:`start_processes` with ``start_method="spawn"``, always.
 
     Any other ``start_method`` is ignored with a :class:`FutureWarning`.
@@ -470,4 +525,4 @@ def spawn(
             " aioshm.multiprocessing.start_processes(...)"
         )
         warnings.warn(msg, FutureWarning, stacklevel=2)
-    return start_processes(fn, args, nprocs, join, daemon, start_method="spawn")
+    return _start_processes(fn, args, nprocs, join, daemon, "spawn")

@@ -1,6 +1,6 @@
 #!/bin/sh
-# The whole test suite: ruff (lint + format), mypy, the docs build, then pytest. Arguments go
-# to pytest.
+# The whole test suite: ruff (lint + format), mypy, the public API's types (mypy --strict and
+# pyright), the docs build, then pytest. Arguments go to pytest.
 # Every stage runs even if an earlier one failed; the exit status is non-zero if any failed.
 set -eu
 cd "$(dirname "$0")/.."
@@ -33,6 +33,22 @@ done
 run "ruff-check" .venv/bin/ruff check $lint_dirs
 run "ruff-format" .venv/bin/ruff format --check aioshm
 run "mypy" .venv/bin/mypy
+
+# What a user's type checker sees of the public API: tests/typing and the README's quickstart,
+# checked by mypy --strict and by pyright (files and settings in [tool.pyright] of
+# pyproject.toml; tests/typing/pool_types_pending.py waits for the pool's rewrite).
+# PYRIGHT_PYTHON_IGNORE_WARNINGS: pyright asks PyPI for a newer version otherwise.
+typing_stage() {
+    typing_start=$(date +%s)
+    typing_status=0
+    .venv/bin/mypy --strict tests/typing/test_public_types.py tests/typing/test_pool_types.py \
+        examples/quickstart.py ||
+        typing_status=1
+    PYRIGHT_PYTHON_IGNORE_WARNINGS=1 .venv/bin/pyright || typing_status=1
+    echo "typing: $(($(date +%s) - typing_start)) s"
+    return "$typing_status"
+}
+run "typing" typing_stage
 
 # The documentation site and its API reference, built with warnings as errors into a
 # temporary directory (scripts/docs.sh installs the docs extra).

@@ -20,7 +20,6 @@ from typing import Any, assert_type
 import anyio
 
 import aioshm
-from aioshm._backend import Backend, local_backend  # (lazy names: typed once __init__ says so)
 from aioshm._pool._api import PoolAPI
 from aioshm._pool._results import IMapIterator, MapResult
 
@@ -65,7 +64,7 @@ def check_pool_construction() -> None:
         initargs=(1,),
         maxtasksperchild=10,
         context="spawn",
-        backend=local_backend,
+        backend=aioshm.local_backend,
     )
     assert_type(pool, aioshm.Pool)
     assert_type(aioshm.Pool(2, context=multiprocessing.get_context("spawn")), aioshm.Pool)
@@ -77,7 +76,7 @@ def check_pool_construction() -> None:
     assert_type(aioshm.current_default_pool(), aioshm.Pool)
 
 
-def check_another_engine(backend: Backend) -> None:
+def check_another_engine(backend: aioshm.Backend) -> None:
     # pyright follows __new__ (another engine's pool: the face shared with Pool); mypy takes
     # the class for what it builds: both see the shared methods
     pool = aioshm.Pool(2, backend=backend)
@@ -240,7 +239,7 @@ async def check_run_sync() -> None:
     assert_type(await aioshm.run_sync(describe, 1.5, "y"), str)
     limiter = anyio.CapacityLimiter(2)
     assert_type(await aioshm.run_sync(square, 3, limiter=limiter), int)
-    assert_type(await aioshm.run_sync(square, 3, backend=local_backend), int)
+    assert_type(await aioshm.run_sync(square, 3, backend=aioshm.local_backend), int)
     await aioshm.run_sync(add, 1, "2")  # type: ignore[arg-type]
     await aioshm.run_sync(add, 1)  # type: ignore[arg-type]
     await aioshm.run_sync(add, 1, 2, 3)  # type: ignore[arg-type]
