@@ -66,7 +66,13 @@ if TYPE_CHECKING:
     from ._group import AsyncProcessContext, spawn, start_processes
     from ._group import AsyncProcessContext as ProcessContext
     from ._pool._pool import Pool
-    from ._pool._results import AsyncResult, PoolStatistics, ProgressEvent
+    from ._pool._results import (
+        AsyncResult,
+        IMapIterator,
+        MapResult,
+        PoolStatistics,
+        ProgressEvent,
+    )
     from ._pool._run_sync import current_default_pool, run_sync
     from ._ray import RayBackend
 
@@ -85,9 +91,11 @@ __all__ = (
     "BrokenPool",
     "Connection",
     "FdLimitError",
+    "IMapIterator",
     "InvalidHandle",
     "JoinableQueue",
     "LocalBackend",
+    "MapResult",
     "Pipe",
     "Pool",
     "PoolClosed",
@@ -148,6 +156,8 @@ _LAZY_BACKEND = {
 }
 _LAZY_POOL = {
     "AsyncResult": "_results",
+    "IMapIterator": "_results",
+    "MapResult": "_results",
     "Pool": "_pool",
     "PoolStatistics": "_results",
     "ProgressEvent": "_results",

@@ -36,7 +36,7 @@ run "mypy" .venv/bin/mypy
 
 # What a user's type checker sees of the public API: tests/typing and the README's quickstart,
 # checked by mypy --strict and by pyright (files and settings in [tool.pyright] of
-# pyproject.toml; tests/typing/pool_types_pending.py waits for the pool's rewrite).
+# pyproject.toml).
 # PYRIGHT_PYTHON_IGNORE_WARNINGS: pyright asks PyPI for a newer version otherwise.
 typing_stage() {
     typing_start=$(date +%s)

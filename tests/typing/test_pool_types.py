@@ -20,8 +20,8 @@ from typing import Any, assert_type
 import anyio
 
 import aioshm
+from aioshm import IMapIterator, MapResult
 from aioshm._pool._api import PoolAPI
-from aioshm._pool._results import IMapIterator, MapResult
 
 # --------------------------------------------------------------------------- targets
 

@@ -8,8 +8,8 @@ unnecessary one (``reportUnnecessaryTypeIgnoreComment``).
 
 pytest collects only the ``test_*`` functions: the cheap checks that also run for real (queue
 and pipe round trips in this process, the generic classes subscripted at run time). The
-typed face of the pool (``Pool``, ``AsyncResult[T]``, ``run_sync``...) waits for the pool's
-rewrite: see ``pool_types_pending.py`` beside this file; only what holds today is here.
+typed face of the pool (``Pool``, ``AsyncResult[T]``, ``run_sync``...) is checked in
+``test_pool_types.py`` beside this file.
 """
 
 from __future__ import annotations
@@ -244,7 +244,6 @@ async def check_lazy_names(pool: aioshm.Pool) -> None:
     assert_type(aioshm.PoolStatistics, type[aioshm.PoolStatistics])
     assert_type(aioshm.ProgressEvent, type[aioshm.ProgressEvent])
     assert_type(aioshm.AsyncResult[int], type[aioshm.AsyncResult[int]])  # generic
-    # today's pool (precise types wait for its rewrite: pool_types_pending.py)
     assert_type(pool.close(), None)
     await pool.join_async()
     print(aioshm.no_such_name)  # type: ignore[attr-defined]
