@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import subprocess
 import sys
@@ -41,6 +42,32 @@ def test_top_level_all_names_exist() -> None:
     names = getattr(aioshm, "__all__", [])
     absent = [name for name in names if not hasattr(aioshm, name)]
     assert not absent, f"in aioshm.__all__ but not defined: {absent}"
+
+
+def test_without_ray_the_names_exist_and_ray_backend_names_the_extra() -> None:
+    """Without Ray (``import ray`` fails, in a fresh interpreter): ``from aioshm import *``
+    works, every name of ``aioshm.__all__`` exists, and making a ``RayBackend`` raises an
+    ImportError that names the ``aioshm[ray]`` extra."""
+    code = (
+        "import json, sys\n"
+        "sys.modules['ray'] = None\n"  # as if Ray were not installed: import ray fails
+        "import aioshm\n"
+        "from aioshm import *\n"
+        "absent = [n for n in aioshm.__all__ if not hasattr(aioshm, n)]\n"
+        "try:\n"
+        "    aioshm.RayBackend()\n"
+        "except ImportError as exc:\n"
+        "    error = [type(exc).__name__, str(exc), exc.name]\n"
+        "print(json.dumps([absent, error]))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    absent, (kind, message, module) = json.loads(result.stdout)
+    assert absent == []
+    assert (kind, module) == ("ModuleNotFoundError", "ray")
+    assert "pip install 'aioshm[ray]'" in message
 
 
 _LEAKY_TESTS = """
