@@ -16,8 +16,10 @@ Every wait is one ``wait_readable`` on an epoll fd holding the live sentinels an
 
 from __future__ import annotations
 
+import asyncio
 import math
 import select
+import sys
 import time
 import warnings
 from collections.abc import Callable, Generator, Sequence
@@ -173,20 +175,36 @@ class AsyncProcessContext(_spawn.ProcessContext):
             self._close_all_conns()
 
 
-def _warn_fork_in_loop(start_method: str) -> None:
-    if start_method != "fork":
-        return
-    try:
-        import sniffio
+def _event_loop_running() -> bool:
+    """Whether an event loop runs in this thread: asyncio (uvloop too) or trio.
 
-        sniffio.current_async_library()
-    except Exception:
+    Asked of the libraries themselves, not of sniffio: anyio no longer installs sniffio, and
+    without it a sniffio lookup saw no loop, so the fork warning never fired.
+    """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        pass
+    else:
+        return True
+    trio = sys.modules.get("trio")  # not imported: no trio run can be going on
+    if trio is None:
+        return False
+    try:
+        trio.lowlevel.current_trio_token()
+    except RuntimeError:
+        return False
+    return True
+
+
+def _warn_fork_in_loop(start_method: str, stacklevel: int) -> None:
+    if start_method != "fork" or not _event_loop_running():
         return
     warnings.warn(
         "aioshm: starting processes with 'fork' while an event loop is running is unsafe "
         "(the child inherits the loop and its threads); prefer 'forkserver' or 'spawn'",
         RuntimeWarning,
-        stacklevel=3,
+        stacklevel=stacklevel + 1,
     )
 
 
@@ -205,10 +223,22 @@ def start_processes(
     :data:`DEFAULT_START_METHOD` (forkserver on Linux); ``fork`` only on request, with a
     warning when an event loop is running.
     """
+    return _start_processes(fn, args, nprocs, daemon, start_method, backend)
+
+
+def _start_processes(
+    fn: Callable[..., object],
+    args: Sequence[object],
+    nprocs: int,
+    daemon: bool,
+    start_method: str | None,
+    backend: Any,
+    stacklevel: int = 3,  # the fork warning names the line that called the public function
+) -> AsyncProcessContext:
     if backend is not None and getattr(backend, "name", "local") != "local":
         return backend.spawn(fn, args, nprocs, daemon=daemon, start_method=start_method)  # type: ignore[no-any-return]
     method = start_method or DEFAULT_START_METHOD
-    _warn_fork_in_loop(method)
+    _warn_fork_in_loop(method, stacklevel)
     return _spawn._start(fn, args, nprocs, daemon, method, AsyncProcessContext)  # type: ignore[return-value]
 
 
@@ -228,6 +258,4 @@ def spawn(
     other ranks were stopped. ``backend`` runs the ranks elsewhere (e.g. an
     :class:`aioshm.RayBackend`); the default is local processes.
     """
-    return start_processes(
-        fn, args, nprocs, daemon=daemon, start_method=start_method, backend=backend
-    )
+    return _start_processes(fn, args, nprocs, daemon, start_method, backend)
