@@ -37,6 +37,26 @@ def test_sync_dropin_does_not_import_anyio() -> None:
     assert result.stdout.strip() == "False", "aioshm.multiprocessing imported anyio"
 
 
+def test_dropin_default_start_method_is_the_stdlibs() -> None:
+    """In a fresh interpreter the drop-in's default start method is whatever the stdlib's is
+    (on Linux ``fork`` up to Python 3.13, ``forkserver`` from 3.14), and its default
+    context and ``Queue`` use it; the async face's is forkserver on Linux."""
+    code = (
+        "import json, multiprocessing, aioshm, aioshm.multiprocessing as mp\n"
+        "print(json.dumps([multiprocessing.get_start_method(), mp.get_start_method(),\n"
+        "    mp.get_context().get_start_method(),\n"
+        "    mp.Queue()._ctx.get_start_method(), aioshm.DEFAULT_START_METHOD]))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    stdlib, *dropin, async_face = json.loads(result.stdout)
+    assert dropin == [stdlib] * 3
+    if sys.platform.startswith("linux"):
+        assert async_face == "forkserver"
+
+
 def test_top_level_all_names_exist() -> None:
     """Every name in ``aioshm.__all__`` (once the package defines one) is an attribute."""
     names = getattr(aioshm, "__all__", [])
