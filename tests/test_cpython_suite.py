@@ -8,8 +8,8 @@ Deliberate exclusions are listed in ``tests/cpython_suite/deselect.txt`` (reason
 ``DESELECTED.md``).
 
 ``AIOSHM_CPYTHON_SUITE_METHODS`` (comma-separated, e.g. ``forkserver``) limits the start methods
-this module runs; unset, both run. ``scripts/test.sh`` uses it to run the spawn flavour on one
-Python version only (the reason is written there).
+this module runs; unset, both run. ``scripts/test.sh`` uses it to run spawn on 3.11 and
+forkserver on 3.14 (the reason is written there).
 
 Manual use, e.g. for the stdlib control run (``--stdlib`` leaves ``multiprocessing`` alone)::
 
