@@ -166,6 +166,17 @@ _LAZY_POOL = {
 }
 
 
+class _RayMissing:
+    """``aioshm.RayBackend`` when Ray is not installed: the name exists (``from aioshm import *``
+    works), making one raises an ImportError that names the extra."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        raise ModuleNotFoundError(
+            "aioshm.RayBackend needs Ray, which is not installed: pip install 'aioshm[ray]'",
+            name="ray",
+        )
+
+
 def _lazy_attribute(name: str) -> Any:
     """``aioshm.NAME`` for the names loaded on first use (the module's ``__getattr__``)."""
     if name in _LAZY:
@@ -181,8 +192,12 @@ def _lazy_attribute(name: str) -> Any:
         globals()[name] = value
         return value
     if name == "RayBackend":
-        from ._ray import RayBackend  # type: ignore[import-not-found,import-untyped,unused-ignore]
-
+        try:
+            from ._ray import RayBackend  # type: ignore[import-not-found,import-untyped,unused-ignore]
+        except ModuleNotFoundError as exc:
+            if exc.name != "ray" and not (exc.name or "").startswith("ray."):
+                raise
+            return _RayMissing  # not cached: Ray may be installed later in this process
         globals()[name] = RayBackend
         return RayBackend
     if name in _LAZY_POOL:

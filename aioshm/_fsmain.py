@@ -1,12 +1,18 @@
 """Fork-server preload: import the parent's ``__main__`` once in the server (anyio-free).
 
-CPython before 3.13 never preloads ``__main__`` in the fork server, although it means to
-(``ForkServer.ensure_running`` looks for a ``main_path`` key that ``get_preparation_data`` calls
-``init_main_from_path``; gh-126631). Every forkserver child then re-runs the main script and
-re-imports what it imports (numpy: ~50 ms). aioshm puts this module in the preload list and
-:func:`aioshm._procutil.ensure_forkserver` passes the path (with the parent's ``sys.path`` and
-``sys.argv``, which the stdlib server does not apply either) in ``AIOSHM_FORKSERVER_MAIN``;
-children whose ``__main__`` already has that ``__file__`` skip the re-run. The variable is
+CPython before 3.13.8 never imports ``__main__`` in the fork server, although it means to
+(``ForkServer.ensure_running`` looked for a ``main_path`` key where ``get_preparation_data``
+says ``init_main_from_path``; gh-126631), and ignores the ``sys.path`` it hands over. Every
+forkserver child then re-runs the main script and re-imports what it imports (numpy: ~50 ms).
+CPython 3.13.8 and 3.14 import it, but unguarded: a main script that raises on import kills the
+server, and every later start fails with a connection error.
+
+aioshm puts this module in the preload list and :func:`aioshm._procutil.ensure_forkserver`
+passes the path (with the parent's ``sys.path`` and ``sys.argv``) in
+``AIOSHM_FORKSERVER_MAIN``; where the stdlib imports the script itself
+(:func:`aioshm._procutil.stdlib_forkserver_imports_main`), that launch leaves ``__main__`` out
+of the preload list, so the import here, which catches the script's failures, is the only one.
+Children whose ``__main__`` already has that ``__file__`` skip the re-run. The variable is
 removed from the server's environment, so no child inherits it.
 """
 
@@ -16,9 +22,9 @@ import contextlib
 import json
 import os
 import sys
-from multiprocessing import process, spawn
+from multiprocessing import process
 
-from ._procutil import FORKSERVER_MAIN_ENV
+from ._procutil import FORKSERVER_MAIN_ENV, stdlib_spawn
 
 _main = json.loads(os.environ.pop(FORKSERVER_MAIN_ENV, "{}"))
 if _main and os.path.isfile(_main["path"]):
@@ -30,6 +36,6 @@ if _main and os.path.isfile(_main["path"]):
         # a main script that fails to import (or exits: argparse at its top level) must not
         # take the fork server down; its children then re-run it, as the stdlib's do
         with contextlib.suppress(Exception, SystemExit):
-            spawn.import_main_path(_main["path"])
+            stdlib_spawn().import_main_path(_main["path"])
     finally:
         current._inheriting = False  # type: ignore[attr-defined]

@@ -469,6 +469,13 @@ def _none() -> None:
 class Process(_ResultMixin[ReturnT], _mp_context.Process):
     """A process of the default start method, with a return value and an awaitable face."""
 
+    @staticmethod
+    def _Popen(process_obj: Any) -> Any:
+        # forkserver is the stdlib's default on Linux from 3.14: start the server as aioshm does
+        if _mp_context._default_context.get_start_method() == "forkserver":
+            _procutil.ensure_forkserver()
+        return _mp_context.Process._Popen(process_obj)
+
 
 class SpawnProcess(_ResultMixin[ReturnT], _mp_context.SpawnProcess):
     """A ``spawn`` process with a return value and an awaitable face."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import importlib
 import json
 import multiprocessing
 import multiprocessing.connection
@@ -18,6 +19,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator
+from typing import Any
 
 __all__ = (
     "_get_thread_name",
@@ -183,23 +185,49 @@ def register_after_fork(func: Callable[[], object]) -> None:
         multiprocessing.util.register_after_fork(func, lambda f: f())
 
 
+def stdlib_spawn() -> Any:
+    """The stdlib's ``multiprocessing.spawn`` module, also where ``multiprocessing`` is aliased
+    to ``aioshm.multiprocessing`` (the CPython-suite harness), whose ``spawn`` is torch's."""
+    return importlib.import_module("multiprocessing.spawn")
+
+
+def stdlib_forkserver_imports_main() -> bool:
+    """Whether the stdlib's fork server imports the parent's main script itself.
+
+    CPython fixed gh-126631 in 3.13.8 and 3.14: ``ForkServer.ensure_running`` looked for a
+    ``main_path`` key that ``spawn.get_preparation_data`` never sets (it says
+    ``init_main_from_path``), so the server never imported the script, and ignored the
+    ``sys.path`` it was handed; since the fix it hands over the path, ``sys.path`` and
+    ``sys.argv`` and imports the script, unguarded: a script that raises on import kills the
+    server, and every later start fails with a connection error. Told by the fixed launcher's
+    code (it names ``init_main_from_path``), not by the version number, so a backport counts.
+    """
+    from multiprocessing import forkserver
+
+    code = getattr(forkserver.ForkServer.ensure_running, "__code__", None)
+    return code is not None and "init_main_from_path" in code.co_consts
+
+
 def ensure_forkserver() -> None:
     """Start the stdlib fork server if it is not running, with the parent's main script
-    preloaded in it when :mod:`aioshm._fsmain` is among its preloads.
+    imported in it once, by :mod:`aioshm._fsmain` when that is among its preloads.
 
-    CPython before 3.13 never hands the main script's path to the server, and ignores the
-    ``sys.path`` it hands over (gh-126631), so every forkserver child re-runs the script and
-    re-imports what it imports. Path, ``sys.path`` and ``sys.argv`` (what a child sees when it
-    runs the script) go to the server in an environment variable set only while it is launched.
+    :mod:`aioshm._fsmain` gets the path, ``sys.path`` and ``sys.argv`` (what a child sees when it
+    runs the script) in an environment variable set only while the server is launched, and
+    imports the script with its failures caught: a main script that raises (or exits) on
+    import does not take the server down; its children then run it again and fail as spawn
+    children would. Where the stdlib imports the script itself
+    (:func:`stdlib_forkserver_imports_main`), its import is not guarded, so this launch leaves
+    ``__main__`` out of the preload list and lets :mod:`aioshm._fsmain` do it; where it does not,
+    children of a server aioshm did not start re-run the script, as the stdlib's did.
     """
-    from multiprocessing import forkserver, spawn
+    from multiprocessing import forkserver
 
     server = forkserver._forkserver
     if getattr(server, "_forkserver_pid", None) is not None:
-        return  # running (a dead one is restarted by the stdlib, without the main script)
-    data = {}
-    if "aioshm._fsmain" in getattr(server, "_preload_modules", ()):
-        data = spawn.get_preparation_data("")
+        return  # running (one that died is restarted by the stdlib, with the stdlib's preloads)
+    preload = list(getattr(server, "_preload_modules", ()))
+    data = stdlib_spawn().get_preparation_data("") if "aioshm._fsmain" in preload else {}
     if not data.get("init_main_from_path"):
         server.ensure_running()
         return
@@ -208,11 +236,17 @@ def ensure_forkserver() -> None:
         "sys_path": data["sys_path"],
         "argv": data["sys_argv"],
     }
+    guarded = [m for m in preload if m != "__main__"]
+    swap = guarded != preload and stdlib_forkserver_imports_main()
     old = os.environ.get(FORKSERVER_MAIN_ENV)
     os.environ[FORKSERVER_MAIN_ENV] = json.dumps(main)
+    if swap:
+        forkserver.set_forkserver_preload(guarded)
     try:
         server.ensure_running()
     finally:
+        if swap and getattr(server, "_preload_modules", None) == guarded:  # unchanged since
+            forkserver.set_forkserver_preload(preload)
         if old is None:
             os.environ.pop(FORKSERVER_MAIN_ENV, None)
         else:

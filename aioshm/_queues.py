@@ -250,6 +250,7 @@ class Queue(Generic[ItemT]):
         self._eager = 0
         self._get_poller: Any = None  # the blocking get's poll object (data fd + shutdown)
         self._got_waiting = False  # the last blocking get found the queue empty
+        self._put_here = False  # this process put an item (empty() after close() tells)
         self._finalizer = weakref.finalize(
             self,
             _close_fds,
@@ -337,6 +338,7 @@ class Queue(Generic[ItemT]):
         if not sent:
             counts.got()
             return False, True
+        self._put_here = True
         return True, True
 
     def _try_get(self) -> Any:
@@ -431,8 +433,16 @@ class Queue(Generic[ItemT]):
         return self._counts.qsize()
 
     def empty(self) -> bool:
-        """True if no item is waiting right now."""
-        self._check_closed()
+        """True if no item is waiting right now.
+
+        Closed in this process, as the stdlib's: True if this process never put an item on the
+        queue (its ``close()`` does nothing until then), else ``OSError`` (the stdlib's feeder
+        thread closed the reader).
+        """
+        if self._closed:
+            if self._put_here:
+                raise OSError(f"handle is closed: Queue {self!r} is closed")
+            return True
         return not self._reader.poll(0)
 
     def full(self) -> bool:

@@ -9,7 +9,9 @@ aioshm's reducers active so ndarrays in shared memory travel as handles, plus to
 ``Queue``, ``JoinableQueue``, ``SimpleQueue``, ``Pipe`` and ``Pool`` (module-level and on every
 context from ``get_context``) build aioshm's own objects: the stdlib blocking API and
 semantics, carrying shared-memory fds in-band, with no feeder or resource-sharer thread.
-Start-method state is shared with the stdlib module. This module never imports anyio.
+Start-method state is shared with the stdlib module, so the default start method is the
+stdlib's: on Linux ``fork`` up to Python 3.13, ``forkserver`` from 3.14. This module never
+imports anyio.
 
 The stdlib package's submodules are attributes here too (``mp.reduction.ForkingPickler``,
 ``mp.connection.wait``, ``mp.shared_memory.SharedMemory``…), imported on first use: they are

@@ -27,6 +27,7 @@ import sys
 import textwrap
 import time
 import traceback
+import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -46,7 +47,7 @@ import _async_targets as targets
 from _threads import new_thread_counter
 
 import aioshm
-from aioshm import ProcessExitedException, ProcessRaisedException, RemoteTraceback
+from aioshm import ProcessExitedException, ProcessRaisedException, RemoteTraceback, _procutil
 
 pytestmark = pytest.mark.anyio
 
@@ -683,16 +684,32 @@ async def test_cancelling_the_awaiting_task_reaps_every_rank_first() -> None:
 
 
 @pytest.mark.timeout(60)
-async def test_spawn_with_fork_under_a_running_loop_warns() -> None:
-    """``start_method="fork"`` while an event loop runs emits a RuntimeWarning (and works)."""
+@pytest.mark.parametrize("sniffio_there", [True, False], ids=["sniffio", "no-sniffio"])
+async def test_spawn_with_fork_under_a_running_loop_warns(
+    sniffio_there: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``start_method="fork"`` while an event loop runs emits aioshm's RuntimeWarning, pointing
+    at the caller's line (and works), with sniffio importable or not (anyio no longer installs
+    it). From Python 3.12 a fork in a multi-threaded process also warns (the stdlib's
+    DeprecationWarning): that one may come too, nothing else."""
+    if not sniffio_there:
+        monkeypatch.setitem(sys.modules, "sniffio", None)  # ``import sniffio`` fails
     group = None
     try:
         with anyio.fail_after(WAIT):
-            with pytest.warns(RuntimeWarning, match="fork"):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
                 group = aioshm.spawn(targets.rank_return, nprocs=1, start_method="fork")
             assert await group == [0]
     finally:
         reap_group(group)
+    ours = [w for w in caught if w.category is RuntimeWarning]
+    assert len(ours) == 1, [str(w.message) for w in caught]
+    assert "'fork' while an event loop is running" in str(ours[0].message)
+    assert ours[0].filename == __file__
+    others = [w for w in caught if w not in ours]
+    for w in others:
+        assert w.category is DeprecationWarning and "fork()" in str(w.message), w
 
 
 # =========================================================================== loop hygiene
@@ -880,3 +897,88 @@ def test_forkserver_children_do_not_rerun_the_main_script(tmp_path: Path) -> Non
         assert pid not in (report["parent"], report["server"])
         assert main_file == str(script)
         assert env is None
+
+
+@pytest.mark.timeout(90)
+def test_a_main_script_that_raises_on_import_leaves_the_fork_server_up(tmp_path: Path) -> None:
+    """A main script that raises when imported outside the parent (``__name__`` is not
+    ``"__main__"`` there) does not take the fork server down, whether the stdlib's server imports
+    the script itself (CPython 3.13.8+, 3.14) or not: each forkserver child, through
+    ``aioshm.Process``, the drop-in's forkserver context or its default context when that is
+    forkserver, runs the script again and exits 1 with the script's error, as a spawn child
+    would; no start fails with a connection error from a dead server."""
+    script = tmp_path / "raising_main.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import json, sys
+            if __name__ != "__main__":
+                raise RuntimeError("raising_main: not importable outside the parent")
+            import aioshm
+            import aioshm.multiprocessing as mp
+
+            results = []
+            for ctx in (aioshm, mp.get_context("forkserver"), mp, aioshm):
+                if ctx is mp and mp.get_start_method() != "forkserver":
+                    continue
+                p = ctx.Process(target=print)
+                try:
+                    p.start()
+                    p.join(30)
+                    results.append(p.exitcode)
+                except Exception as exc:
+                    results.append(f"{type(exc).__name__}: {exc}")
+            print(json.dumps(results))
+            """
+        )
+    )
+    out = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=80,
+        cwd=tmp_path,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    results = json.loads(out.stdout.strip().splitlines()[-1])
+    assert results and set(results) == {1}, (results, out.stderr)
+    assert out.stderr.count("raising_main: not importable outside the parent") >= len(results)
+
+
+@pytest.mark.timeout(60)
+def test_stdlib_forkserver_imports_main_matches_what_the_stdlib_does(tmp_path: Path) -> None:
+    """``_procutil.stdlib_forkserver_imports_main()`` (told from the stdlib's code) agrees with
+    what a plain stdlib fork server does with the main script, aioshm not imported: it imports
+    the script itself (the child does not run it again) exactly when the function says so."""
+    runs = tmp_path / "runs"
+    script = tmp_path / "plain_main.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import json, multiprocessing, os, sys
+            with open({str(runs)!r}, "a") as f:
+                f.write(f"{{os.getpid()}}\\n")
+            if __name__ == "__main__":
+                p = multiprocessing.get_context("forkserver").Process(target=print)
+                p.start()
+                p.join(30)
+                print(json.dumps([p.pid, p.exitcode, "aioshm" in sys.modules]))
+            """
+        )
+    )
+    out = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=50,
+        cwd=tmp_path,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    child, exitcode, aioshm_imported = json.loads(out.stdout.strip().splitlines()[-1])
+    assert (exitcode, aioshm_imported) == (0, False)
+    pids = [int(line) for line in runs.read_text().split()]
+    assert len(pids) == 2  # the parent, and either the server or the child
+    child_ran_it = child in pids
+    assert child_ran_it is not _procutil.stdlib_forkserver_imports_main()

@@ -629,6 +629,35 @@ async def test_closing_wakes_a_parked_receiver_with_an_error() -> None:
 
 
 @pytest.mark.timeout(60)
+async def test_empty_on_a_closed_queue_follows_the_stdlib() -> None:
+    """``empty()`` on a queue closed in this process answers as the stdlib's does (CPython's
+    ``test_closed_queue_empty_exceptions``): True while this process never put an item on it,
+    ``OSError`` ("is closed") once it did, through ``put`` or ``put_async``; ``get`` on a closed
+    queue still raises ValueError."""
+    for kind in ("Queue", "JoinableQueue"):
+        unused = getattr(CTX, kind)()
+        unused.close()
+        unused.join_thread()
+        assert unused.empty() is True
+        with pytest.raises(ValueError, match="is closed"):
+            unused.get_nowait()
+        for how in ("put", "put_async"):
+            q = getattr(CTX, kind)()
+            try:
+                if how == "put":
+                    q.put("foo")
+                else:
+                    with anyio.fail_after(WAIT):
+                        await q.put_async("foo")
+                assert q.empty() is False
+            finally:
+                q.close()
+            q.join_thread()
+            with pytest.raises(OSError, match="is closed"):
+                q.empty()
+
+
+@pytest.mark.timeout(60)
 def test_queue_awaited_from_successive_event_loops() -> None:
     """A consumer's wait stays registered with its asyncio loop from one get to the next;
     the same queue is then awaited from a new asyncio loop (the first is closed), from trio,

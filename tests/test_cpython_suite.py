@@ -7,6 +7,10 @@ spawn/forkserver child (``mp_alias.py`` + ``sitecustomize.py``), and the "proces
 Deliberate exclusions are listed in ``tests/cpython_suite/deselect.txt`` (reasons in
 ``DESELECTED.md``).
 
+``AIOSHM_CPYTHON_SUITE_METHODS`` (comma-separated, e.g. ``forkserver``) limits the start methods
+this module runs; unset, both run. ``scripts/test.sh`` uses it to run spawn on 3.11 and
+forkserver on 3.14 (the reason is written there).
+
 Manual use, e.g. for the stdlib control run (``--stdlib`` leaves ``multiprocessing`` alone)::
 
     .venv/bin/python tests/test_cpython_suite.py [--stdlib] [spawn] [forkserver] [-- PYTEST ARGS]
@@ -36,6 +40,7 @@ HARNESS = SUITE_DIR / "test_cpython_processes.py"
 DESELECT_FILE = SUITE_DIR / "deselect.txt"
 DROPIN = "aioshm.multiprocessing"
 START_METHODS = ("spawn", "forkserver")
+METHODS_ENV = "AIOSHM_CPYTHON_SUITE_METHODS"
 MIN_PASSED = 100
 INNER_TIMEOUT = 900  # whole inner run, seconds
 PER_TEST_TIMEOUT = 120  # each CPython test, seconds
@@ -272,6 +277,9 @@ def test_cpython_multiprocessing_suite(
 ) -> None:
     if start_method not in multiprocessing.get_all_start_methods():
         pytest.skip(f"start method {start_method!r} is not available on this platform")
+    chosen = os.environ.get(METHODS_ENV)
+    if chosen is not None and start_method not in {m.strip() for m in chosen.split(",")}:
+        pytest.skip(f"{METHODS_ENV}={chosen!r} leaves {start_method!r} out")
     reason = suite_unavailable_reason()
     if reason:
         pytest.skip(reason)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import re
 import subprocess
@@ -37,11 +38,57 @@ def test_sync_dropin_does_not_import_anyio() -> None:
     assert result.stdout.strip() == "False", "aioshm.multiprocessing imported anyio"
 
 
+def test_dropin_default_start_method_is_the_stdlibs() -> None:
+    """In a fresh interpreter the drop-in's default start method is whatever the stdlib's is
+    (on Linux ``fork`` up to Python 3.13, ``forkserver`` from 3.14), and its default
+    context and ``Queue`` use it; the async face's is forkserver on Linux."""
+    code = (
+        "import json, multiprocessing, aioshm, aioshm.multiprocessing as mp\n"
+        "print(json.dumps([multiprocessing.get_start_method(), mp.get_start_method(),\n"
+        "    mp.get_context().get_start_method(),\n"
+        "    mp.Queue()._ctx.get_start_method(), aioshm.DEFAULT_START_METHOD]))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    stdlib, *dropin, async_face = json.loads(result.stdout)
+    assert dropin == [stdlib] * 3
+    if sys.platform.startswith("linux"):
+        assert async_face == "forkserver"
+
+
 def test_top_level_all_names_exist() -> None:
     """Every name in ``aioshm.__all__`` (once the package defines one) is an attribute."""
     names = getattr(aioshm, "__all__", [])
     absent = [name for name in names if not hasattr(aioshm, name)]
     assert not absent, f"in aioshm.__all__ but not defined: {absent}"
+
+
+def test_without_ray_the_names_exist_and_ray_backend_names_the_extra() -> None:
+    """Without Ray (``import ray`` fails, in a fresh interpreter): ``from aioshm import *``
+    works, every name of ``aioshm.__all__`` exists, and making a ``RayBackend`` raises an
+    ImportError that names the ``aioshm[ray]`` extra."""
+    code = (
+        "import json, sys\n"
+        "sys.modules['ray'] = None\n"  # as if Ray were not installed: import ray fails
+        "import aioshm\n"
+        "from aioshm import *\n"
+        "absent = [n for n in aioshm.__all__ if not hasattr(aioshm, n)]\n"
+        "try:\n"
+        "    aioshm.RayBackend()\n"
+        "except ImportError as exc:\n"
+        "    error = [type(exc).__name__, str(exc), exc.name]\n"
+        "print(json.dumps([absent, error]))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    absent, (kind, message, module) = json.loads(result.stdout)
+    assert absent == []
+    assert (kind, module) == ("ModuleNotFoundError", "ray")
+    assert "pip install 'aioshm[ray]'" in message
 
 
 _LEAKY_TESTS = """
