@@ -44,6 +44,7 @@ import asyncio
 import contextlib
 import multiprocessing as stdmp
 import os
+import queue
 import statistics
 import sys
 import time
@@ -134,6 +135,8 @@ def consumer(q: Any, ready: Any, done: Any, batch: int, is_ff: bool) -> None:
 def async_consumer(q: Any, ready: Any, done: Any, batch: int, is_ff: bool) -> None:
     async def main() -> int:
         count = 0
+        with contextlib.suppress(queue.Empty):  # warm: anyio's backend, the queue's locks
+            await q.get_many_async(1, block=False)
         ready.put(1)
         if batch > 1:
             while True:
