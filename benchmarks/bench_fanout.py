@@ -15,7 +15,8 @@ the parent has sampled the PSS of every process (itself and all its descendants,
 
 Memory: "total PSS" is the sum of the PSS of every process at the moment all N workers hold the
 array, minus the same sum in a run of the same row with a 4 KiB array (so the interpreters'
-own memory, and the spawned ranks', cancel out), in units of the array. The parent's own copy
+own memory, and the spawned ranks', cancel out), in units of the array. Each row is warmed
+with one small and one big round before its baseline is taken. The parent's own copy
 counts: one array shared by everyone is 1.00x. Time: per worker, from the parent's first send
 to that worker's report (median over the workers, then over repeats), and the wall time until
 the last worker reported.
@@ -214,11 +215,19 @@ async def measure(keys: list[str], ns: list[int], n: int, reps: int) -> Result:
             for key in keys:
                 try:
                     rounds[key] = await stack.enter_async_context(FACTORIES[key](nw))
-                    await rounds[key](TINY)  # warm-up (the pool's workers, the fork server)
-                    base[key] = min([(await rounds[key](TINY))[0] for _ in range(2)])
                 except Exception as exc:
                     print(f"  {key} N={nw}: FAILED to start: {type(exc).__name__}: {exc}")
-                    rounds.pop(key, None)
+            # baselines once every row's processes run (each row's sum counts them all);
+            # warm-up with the big array too: what a process keeps after its first big round
+            # (code pages, allocator arenas) belongs to no copy of the array
+            for key in list(rounds):
+                try:
+                    await rounds[key](TINY)
+                    await rounds[key](n)
+                    base[key] = min([(await rounds[key](TINY))[0] for _ in range(2)])
+                except Exception as exc:
+                    print(f"  {key} N={nw}: FAILED to warm up: {type(exc).__name__}: {exc}")
+                    rounds.pop(key)
             order = list(rounds)
             for rep in range(reps):
                 shift = rep % max(1, len(order))
@@ -317,7 +326,9 @@ def main() -> None:
             print(f"  killed {len(left)} leftover children")
     print(f"load average at the end: {os.getloadavg()[0]:.1f}")
     gone = _shm_entries() - before
-    print(f"/dev/shm entries left behind: {sorted(gone) if gone else 'none'}")
+    # aioshm's default segments are memfds (never in /dev/shm); a psm_ entry is ours or another
+    # run's on this machine
+    print(f"new aioshm*/psm_* entries in /dev/shm: {sorted(gone) if gone else 'none'}")
 
 
 if __name__ == "__main__":
