@@ -48,6 +48,7 @@ import queue
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
@@ -61,9 +62,10 @@ CTX = stdmp.get_context("fork")
 TUPLE = (1, 2.5, "abc")
 ARRAY_ELEMS = (1 << 20) // 4  # 1 MiB of float32
 BOUNDED = 32  # array rows: items in flight at most
+RUN_LIMIT = 120.0  # seconds: a run that takes longer (a peer's child died) fails
 FF_BYTES = 64 << 20
 BATCH = {"tuple": 64, "array": 8}
-ITEMS = {"tuple": 40_000, "array": 800}
+ITEMS = {"tuple": 20_000, "array": 400}
 QUICK_ITEMS = {"tuple": 10_000, "array": 200}
 
 ROWS: list[tuple[str, str]] = [
@@ -108,6 +110,17 @@ def _count(items: list[Any], q: Any) -> tuple[int, bool]:
     return len(items) - ends, ends > 0
 
 
+def _ff_retry(get: Callable[[], Any]) -> Any:
+    """faster-fifo's get can raise Empty early with several consumers and big messages (it
+    grows its buffer and retries without waiting, and another consumer took the message):
+    wait again, as its docs' consumer loops do."""
+    while True:
+        try:
+            return get()
+        except queue.Empty:
+            continue
+
+
 def consumer(q: Any, ready: Any, done: Any, batch: int, is_ff: bool) -> None:
     count = 0
     ready.put(1)
@@ -115,7 +128,7 @@ def consumer(q: Any, ready: Any, done: Any, batch: int, is_ff: bool) -> None:
         get_many = q.get_many
         while True:
             if is_ff:
-                items = get_many(timeout=600, max_messages_to_get=batch)
+                items = _ff_retry(lambda: get_many(timeout=600, max_messages_to_get=batch))
             else:
                 items = get_many(batch)
             got, end = _count(items, q)
@@ -123,7 +136,7 @@ def consumer(q: Any, ready: Any, done: Any, batch: int, is_ff: bool) -> None:
             if end:
                 break
     else:
-        get = (lambda: q.get(timeout=600)) if is_ff else q.get
+        get = (lambda: _ff_retry(lambda: q.get(timeout=600))) if is_ff else q.get
         while True:
             item = get()
             if item is None:
@@ -171,7 +184,7 @@ def one_run(key: str, kind: str, nprod: int, ncons: int, n: int) -> float:
     batch = BATCH[kind] if key in BATCHED else 1
     q = _make_queue(key, kind)
     go = CTX.Event()
-    ready, done = CTX.SimpleQueue(), CTX.SimpleQueue()
+    ready, done = CTX.Queue(), CTX.Queue()  # stdlib queues: gets with a timeout
     target = async_consumer if key.startswith("aioshm_async") else consumer
     is_ff = key.startswith("ff")
     cons = [CTX.Process(target=target, args=(q, ready, done, batch, is_ff)) for _ in range(ncons)]
@@ -186,14 +199,21 @@ def one_run(key: str, kind: str, nprod: int, ncons: int, n: int) -> float:
         for p in procs:
             p.start()
         for _ in procs:  # every child is running (an async consumer: in its event loop)
-            ready.get()
+            ready.get(timeout=RUN_LIMIT)
         t0 = time.perf_counter()
         go.set()
+        deadline = time.monotonic() + RUN_LIMIT
         for p in prods:
-            p.join()
+            p.join(max(0.0, deadline - time.monotonic()))
+            if p.exitcode != 0:
+                raise RuntimeError(f"a producer did not finish in {RUN_LIMIT:g} s ({p.exitcode=})")
         for _ in cons:
-            q.put(None)
-        total = sum(done.get() for _ in cons)
+            q.put(None, timeout=RUN_LIMIT)
+        try:
+            total = sum(done.get(timeout=max(0.0, deadline - time.monotonic())) for _ in cons)
+        except queue.Empty:
+            codes = [p.exitcode for p in cons]
+            raise RuntimeError(f"a consumer did not finish (exit codes {codes})") from None
         wall = time.perf_counter() - t0
         if total != n:
             raise AssertionError(f"{key}: consumers got {total} items, not {n}")
@@ -207,10 +227,13 @@ def one_run(key: str, kind: str, nprod: int, ncons: int, n: int) -> float:
             if p.is_alive():
                 p.kill()
             p.join()
+        for aux in (ready, done):
+            aux.close()
+            aux.join_thread()
         if hasattr(q, "close"):
             q.close()
         if key == "stdlib":
-            q.join_thread()
+            q.cancel_join_thread()  # a failed run may leave items no one will read
 
 
 # --------------------------------------------------------------------------- report
@@ -246,8 +269,8 @@ def report(
                     ratios.append(f" {'':>14} |")
                     continue
                 cells.append(f" {n / statistics.median(s) / 1e3:>13.2f} |")
-                r = per_rep_ratio(base, s) if base else float("nan")
-                ratios.append(f" {r:>13.2f}x |")
+                r = f"{per_rep_ratio(base, s):.2f}x" if base else ""
+                ratios.append(f" {r:>14} |")
             if any(c.strip(" |") for c in cells):
                 print(f"| {labels[key]:<42} |" + "".join(cells) + "".join(ratios))
     print()
