@@ -101,6 +101,40 @@ def test_put_many_on_a_full_queue_puts_what_fits_and_says_how_many() -> None:
         q.close()
 
 
+def test_put_many_on_a_full_socket_buffer_of_an_unbounded_queue() -> None:
+    """An unbounded queue is full when the kernel buffer is: a non-blocking ``put_many`` puts
+    what fits (and says how many); the count stays true."""
+    q = CTX.Queue()
+    try:
+        with pytest.raises(queue.Full) as info:
+            q.put_many(range(200_000), block=False)
+        n = int(str(info.value).split()[0])
+        assert 0 < n < 200_000
+        assert q.qsize() == n
+        got: list[int] = []
+        while len(got) < n:
+            got.extend(q.get_many(1000, timeout=WAIT))
+        assert got == list(range(n))
+        assert q.qsize() == 0 and q.empty()
+    finally:
+        q.close()
+
+
+@pytest.mark.timeout(120)
+def test_blocking_put_many_waits_for_room_while_a_child_drains() -> None:
+    """A batch larger than the kernel buffer goes through whole, in order, while a child takes
+    items: ``put_many`` waits for room instead of failing."""
+    q = CTX.Queue()
+    p = CTX.Process(target=targets.get_many_until_none, args=(q, 256))
+    try:
+        p.start()
+        q.put_many([*range(50_000), None], timeout=WAIT)
+        assert p.result(WAIT) == list(range(50_000))
+    finally:
+        q.close()
+        reap([p])
+
+
 def test_put_many_stops_at_an_unpicklable_item() -> None:
     q = CTX.Queue()
     try:
