@@ -480,7 +480,7 @@ class Queue:
 
         ``block`` and ``timeout`` apply to the whole batch. If one item cannot go in (a full
         queue past the deadline, a pickling error, a shutdown), the items before it are on
-        the queue and the exception says how many.
+        the queue (``queue.Full`` and ``QueueShutDown`` say how many) and the rest are not.
 
         :raises queue.Full: if the queue stays full past the deadline.
         :raises ValueError: if the queue was closed in this process.
@@ -546,6 +546,9 @@ class Queue:
     ) -> list[Any]:
         """Up to ``max_items`` items, oldest first: wait (as :meth:`get`) for the first, then
         take the ones already waiting, without waiting again.
+
+        One call can take several end-of-work markers (say ``None``) that were meant for
+        several consumers: a consumer that stops at one should put the others back.
 
         :raises queue.Empty: if nothing arrives in time (or at once, with ``block=False``).
         :raises ValueError: if ``max_items < 1``, or the queue was closed in this process.
