@@ -30,7 +30,7 @@ import struct
 import termios
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from multiprocessing import context as _mp_context
 from typing import TYPE_CHECKING, Any, Final, Generic, Self, overload
 
@@ -491,6 +491,148 @@ class Queue(Generic[ItemT]):
     def __aiter__(self) -> AsyncIterator[ItemT]:
         """``async for item in q``: get items until the queue is shut down and drained."""
         return (_impl or _load_impl()).iterate(self)
+
+    # -- batches, beside the stdlib API ------------------------------------------------------
+    # Each item is still its own record (any consumer's get() takes one item, whoever put
+    # it); a batch saves the per-call checks, and get_many takes the items already waiting
+    # without a wait (a poll) between them.
+
+    def put_many(
+        self, objs: Iterable[Any], block: bool = True, timeout: float | None = None
+    ) -> None:
+        """Put every item of ``objs`` in order, as :meth:`put` each, with one deadline for all.
+
+        ``block`` and ``timeout`` apply to the whole batch. If one item cannot go in (a full
+        queue past the deadline, a pickling error, a shutdown), the items before it are on
+        the queue (``queue.Full`` and ``QueueShutDown`` say how many) and the rest are not.
+
+        :raises queue.Full: if the queue stays full past the deadline.
+        :raises ValueError: if the queue was closed in this process.
+        :raises ~aioshm.QueueShutDown: if the queue was shut down.
+        """
+        self._check_put()
+        deadline = self._deadline(block, timeout)
+        encode, try_put = self._writer.encode, self._try_put
+        close_owned = _reduction.close_owned
+        # the common case, inlined: an unbounded queue (no slot to take) and a record without
+        # fds go out in one send after the count, as _try_put would do it
+        lean = self._slots_r < 0 and type(self)._try_put is Queue._try_put
+        send = self._writer._live().send
+        counts = self._counts
+        n = 0
+        try:
+            for obj in objs:
+                record, fds, owned = encode(obj)
+                if lean and not fds:
+                    counts.put_done()  # before the item can be taken (as in _try_put)
+                    try:
+                        send(record)
+                        n += 1
+                        continue
+                    except BlockingIOError:  # the socket buffer is full: wait as put does
+                        counts.got()
+                    except BaseException:
+                        counts.got()
+                        raise
+                try:
+                    done, have_slot = try_put(record, fds, False)
+                    if not done:
+                        self._put_record_waiting(record, fds, have_slot, deadline)
+                finally:
+                    close_owned(fds, owned)
+                n += 1
+        except (_queue.Full, QueueShutDown) as exc:
+            exc.args = (*exc.args, f"{n} items of the batch were put before this one")
+            raise
+
+    def _put_record_waiting(
+        self, record: Any, fds: list[int], have_slot: bool, deadline: float | None
+    ) -> None:
+        """:meth:`put`'s wait loop for one encoded record (the first attempt failed)."""
+        while True:
+            if self._is_shutdown():
+                if have_slot:
+                    self._give_slot()
+                raise QueueShutDown(f"Queue {self!r} is shut down")
+            wait_fd, events = (
+                (self._writer.fileno(), _POLLOUT) if have_slot else (self._slots_r, _POLLIN)
+            )
+            if not _wait_any([(wait_fd, events), (self._shut_r, _POLLIN)], deadline):
+                if have_slot:
+                    self._give_slot()
+                raise _queue.Full
+            done, have_slot = self._try_put(record, fds, have_slot)
+            if done:
+                return
+
+    def get_many(
+        self, max_items: int, block: bool = True, timeout: float | None = None
+    ) -> list[Any]:
+        """Up to ``max_items`` items, oldest first: wait (as :meth:`get`) for the first, then
+        take the ones already waiting, without waiting again.
+
+        One call can take several end-of-work markers (say ``None``) that were meant for
+        several consumers: a consumer that stops at one should put the others back.
+
+        :raises queue.Empty: if nothing arrives in time (or at once, with ``block=False``).
+        :raises ValueError: if ``max_items < 1``, or the queue was closed in this process.
+        :raises ~aioshm.QueueShutDown: if the queue was shut down and is empty.
+        """
+        self._check_batch(max_items)
+        return self._take_waiting([self.get(block, timeout)], max_items)
+
+    def _check_batch(self, max_items: int) -> None:
+        if max_items < 1:
+            raise ValueError(f"max_items must be at least 1, not {max_items!r}")
+        error = self.__dict__.pop("_batch_error", None)
+        if error is not None:
+            raise error
+
+    def _take_waiting(self, items: list[Any], max_items: int) -> list[Any]:
+        """Append the items already waiting to ``items``, up to ``max_items`` in all.
+
+        An item that fails to unpickle after some were taken is dropped (as :meth:`get`
+        would lose it) and its error raised by the next :meth:`get_many`, so that the items
+        taken before it are returned, not lost."""
+        # _try_get inlined: one count per item taken, and its slot back if the queue is bounded
+        recv, decode = self._reader.try_recv_record, self._reader.decode
+        got_one, bounded = self._counts.got, self._slots_w >= 0
+        while len(items) < max_items:
+            got = recv()
+            if got is None:
+                break
+            got_one()
+            if bounded:
+                self._give_slot()
+            try:
+                items.append(decode(*got))
+            except Exception as exc:
+                self._batch_error = exc
+                break
+        return items
+
+    async def put_many_async(
+        self, objs: Iterable[Any], block: bool = True, timeout: float | None = None
+    ) -> None:
+        """Awaitable :meth:`put_many`: a full queue suspends the task, never the event loop."""
+        deadline = self._deadline(block, timeout)
+        n = 0
+        try:
+            for obj in objs:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                await self.put_async(obj, block, left)
+                n += 1
+        except (_queue.Full, QueueShutDown) as exc:
+            exc.args = (*exc.args, f"{n} items of the batch were put before this one")
+            raise
+
+    async def get_many_async(
+        self, max_items: int, block: bool = True, timeout: float | None = None
+    ) -> list[Any]:
+        """Awaitable :meth:`get_many`. Cancelling it never loses an item."""
+        self._check_batch(max_items)
+        first = await self.get_async(block, timeout)
+        return self._take_waiting([first], max_items)
 
 
 class JoinableQueue(Queue[ItemT]):

@@ -175,3 +175,49 @@ def profile_worker_dump(directory: str, linger: float) -> int:
 async def ainc(x: int) -> int:
     """``inc`` as a coroutine function: aiomultiprocess ``Pool.map`` only takes those."""
     return x + 1
+
+
+# --------------------------------------------------------------------------- P8: fan-out
+
+_fanout: dict[str, Any] = {}
+
+
+def page_touch(a: Any) -> float:
+    """Read one value per 4 KiB page of a float32 array."""
+    return float(np.asarray(a).reshape(-1)[::1024].sum())
+
+
+def fanout_init(report: Any, release: Any) -> None:
+    """Pool initializer: keep the queues the fan-out tasks report on and wait on."""
+    _fanout["report"], _fanout["release"] = report, release
+
+
+def _touch_and_hold(a: Any, report: Any, release: Any) -> float:
+    s = page_touch(a)
+    report.put((os.getpid(), time.monotonic()))
+    release.get()  # hold the array until the parent has measured every process
+    return s
+
+
+def fanout_task(a: Any) -> float:
+    """A pool task: touch every page of ``a``, report, hold it until released."""
+    return _touch_and_hold(a, _fanout["report"], _fanout["release"])
+
+
+def fanout_shm_task(name: str, n: int) -> float:
+    """The same on a stdlib SharedMemory block attached by name."""
+    from multiprocessing import shared_memory
+
+    shm = shared_memory.SharedMemory(name=name)
+    try:
+        a = np.ndarray((n,), np.float32, buffer=shm.buf)
+        s = _touch_and_hold(a, _fanout["report"], _fanout["release"])
+        del a
+    finally:
+        shm.close()
+    return s
+
+
+def fanout_rank(rank: int, a: Any, report: Any, release: Any) -> float:
+    """An ``aioshm.spawn`` rank: the same with the queues passed at start."""
+    return _touch_and_hold(a, report, release)

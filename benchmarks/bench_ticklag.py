@@ -35,8 +35,11 @@ The "steal %" column is the share of the machine's CPU time its hypervisor gave 
 during the row's windows (``/proc/stat``; median over runs): on a shared VM, ticks come late
 whenever the host does not run the loop's vCPU, whatever the loop does.
 
-Targets: aioshm p99 <= 2 ms and worst <= 5 ms (each aioshm row). Printed with PASS/FAIL; the
-exit status is 0 whatever the timings.
+Targets: each aioshm row's p99 and worst lag <= 1.2x the floor row's of the same run (medians
+of per-run ratios; the runs are interleaved). The absolute targets this benchmark had (p99 <=
+2 ms, worst <= 5 ms) cannot be met on a shared VM, where the idle loop alone misses them; the
+floor row pays what the machine adds, so the ratio isolates what the library adds. Printed with
+PASS/FAIL; the exit status is 0 whatever the timings.
 
 Usage::
 
@@ -66,10 +69,13 @@ from typing import Any
 
 import _bench_targets as targets
 import numpy as np
+from _bench_report import per_rep_ratio, verdict
 
 import aioshm
 
 START_METHOD = "forkserver"
+#: target: each aioshm row's p99 and worst lag <= this times the floor row's (same run)
+FLOOR_RATIO = 1.2
 MiB = 1 << 20
 SIZE_MIB = 64
 TICK = 0.001
@@ -488,27 +494,29 @@ def report(results: dict[str, Result], runs: int, window: float) -> None:
         if r.error:
             print(f"  {key}: {r.error}")
     print()
-    print("Targets (each aioshm row):")
+    print("Targets (each aioshm row against the floor row of this run; medians of per-run ratios):")
+    floor = results.get("floor")
     any_check = False
     for key in ("aioshm_shared", "aioshm_value"):
         r = results.get(key)
-        if r is None or not r.p99:
+        if r is None or not r.p99 or floor is None or not floor.p99:
             continue
         any_check = True
-        p99, worst = med(r.p99), med(r.worst)
         label = dict(ROWS)[key]
-        print(f"  {'PASS' if p99 <= 2 else 'FAIL'}  {label}: p99 {p99:.2f} ms (target <= 2 ms)")
-        print(
-            f"  {'PASS' if worst <= 5 else 'FAIL'}  {label}: worst {worst:.2f} ms (target <= 5 ms)"
-        )
+        for what, ours, base in (("p99", r.p99, floor.p99), ("worst", r.worst, floor.worst)):
+            ratio = per_rep_ratio(ours, base)
+            print(
+                f"  {verdict(ratio <= FLOOR_RATIO)}  {label}: {what} {med(ours):.2f} ms = "
+                f"{ratio:.2f}x the floor's {med(base):.2f} ms (target <= {FLOOR_RATIO}x)"
+            )
     if not any_check:
-        print("  (no aioshm row ran)")
+        print("  (needs the floor row and an aioshm row)")
     idle_r = results.get("idle")
-    if idle_r is not None and idle_r.p99 and (med(idle_r.p99) > 2 or med(idle_r.worst) > 5):
+    if idle_r is not None and idle_r.p99:
         print(
-            f"  note: the idle loop alone (no transfer at all) already misses these targets "
-            f"here: p99 {med(idle_r.p99):.2f} ms, worst {med(idle_r.worst):.2f} ms, host steal "
-            f"{med(idle_r.steal):.1f}%; compare each aioshm row with the control and floor rows"
+            f"  (no target) the idle loop alone: p99 {med(idle_r.p99):.2f} ms, worst "
+            f"{med(idle_r.worst):.2f} ms, host steal {med(idle_r.steal):.1f}%: the lag this "
+            f"machine adds whatever the library does"
         )
 
 
