@@ -57,19 +57,19 @@ from .._exceptions import (
     BrokenPool,
     PoolClosed,
     ProcessExitedException,
-    ProcessRaisedException,
     ProtocolError,
-    RemoteTraceback,
     TaskCancelled,
     signal_name_of,
 )
+from .._process import Lost, rebuild_failure, report_of
 from .._shm import _segment
 from .._transport._proc import stop_async
 from .._transport._waits import (
     LoopWatch,
     MultiWait,
 )
-from .._wire._pool import SWEEP, decode_result
+from .._wire._pool import SWEEP, decode_init_failed
+from .._wire._report import Report, Returned
 from ._drivers import PoolDrivers, _Waiter
 from ._results import AsyncResult, PoolStatistics
 from ._scheduler import (
@@ -407,14 +407,15 @@ class Pool(PoolDrivers):
                 return
             if got is None:
                 return
+            report: Report | Lost
             try:
-                msg = decode_result(worker.results.decode(*got))
-            except Exception as exc:  # unpicklable here, or no valid record (ProtocolError)
-                msg, bad = None, exc
-            if msg is not None and msg.tag == "init-failed":  # no task's result: it exits now
-                error = _remote_error(msg.value, msg.type_name, msg.traceback)
-                worker.init_error = (error, msg.traceback)
-                continue
+                msg = results.decode(*got)
+            except Exception as exc:  # it cannot be unpickled here
+                report = Lost(exc)
+            else:
+                report = report_of(msg)
+                if type(report) is Lost and self._init_failed(worker, msg):
+                    continue  # no task's outcome: the worker exits now
             worker.finished += 1
             if self._startup.deaths:
                 self._startup.got_through()
@@ -423,24 +424,30 @@ class Pool(PoolDrivers):
             if job is not None:
                 # it ran from when it was sent, or from the previous result if it was queued
                 self._ahead.took(now - max(job.sent_at, worker.idle_since))
+                if type(report) is Returned and report.key == job.id:
+                    self._complete(job, report.value, None)
+                else:
+                    self._complete(job, None, _task_failure(report, job, worker))
             worker.idle_since = now
-            if msg is None:
-                if job is not None:
-                    self._complete(job, None, bad)
-            else:
-                if job is not None:
-                    if msg.job_id is not None and msg.job_id != job.id:
-                        why = f"a pool worker answered job {msg.job_id} for job {job.id}"
-                        self._complete(job, None, ProtocolError(why))
-                    elif msg.tag == "ok":
-                        self._complete(job, msg.value, None)
-                    else:
-                        error = _remote_error(msg.value, msg.type_name, msg.traceback)
-                        self._complete(job, None, error)
             if worker.inflight and worker.inflight[0].abandoned and not worker.stopping:
                 # the next task it runs was cancelled by its awaiter: stop the worker
                 worker.stopping = True
                 worker.proc.terminate()
+
+    def _init_failed(self, worker: _Worker, msg: object) -> bool:
+        """Whether ``msg``, no outcome report, is the worker's ``init-failed`` record (then
+        the initializer's error is kept for the broken-pool rule)."""
+        try:
+            init = decode_init_failed(msg)
+        except ProtocolError:
+            return False
+        if init is None:
+            return False
+        pid = worker.proc.pid or -1
+        error = rebuild_failure(init, None, who="the pool's initializer", pid=pid)
+        assert error is not None  # a raised report always makes one
+        worker.init_error = (error, init.traceback)
+        return True
 
     def _complete(self, job: _Job, value: Any, error: BaseException | None) -> None:
         self._tasks_done += 1
@@ -872,12 +879,16 @@ def _exit_text(exitcode: int | None) -> str:
     return f"signal {name}" if name else f"exit code {exitcode}"
 
 
-def _remote_error(original: Any, type_name: str, tb_text: str) -> BaseException:
-    if isinstance(original, Exception):
-        original.__cause__ = RemoteTraceback(str(tb_text))
-        return original
-    error = ProcessRaisedException(
-        f"a pool task raised {type_name}:\n{tb_text}", 0, -1, str(type_name), str(tb_text)
-    )
-    error.__cause__ = RemoteTraceback(str(tb_text))
+def _task_failure(report: Report | Lost, job: _Job, worker: _Worker) -> BaseException:
+    """The error of a task whose report is no value for it (see
+    :func:`~aioshm._process.rebuild_failure`): a raised one (keyed with its job id, or None
+    when the worker could not unpickle the task), a lost one, or one for another job."""
+    if not isinstance(report, Lost) and report.key is not None and report.key != job.id:
+        why = f"a pool worker answered job {report.key} for job {job.id}"
+        report = Lost(ProtocolError(why))
+    elif type(report) is Returned:  # the value of a task it could not unpickle?
+        report = Lost(ProtocolError(f"a pool worker answered job {job.id} without its id"))
+    pid = worker.proc.pid or -1
+    error = rebuild_failure(report, None, who=f"a pool task (worker pid {pid})", pid=pid)
+    assert error is not None  # a raised or lost report always makes one
     return error
