@@ -51,6 +51,7 @@ import anyio
 import anyio.lowlevel
 
 from .. import _procutil, _reduction
+from .._backend import resolve
 from .._connection import RecordChannel, record_pair
 from .._context import DEFAULT_START_METHOD
 from .._exceptions import (
@@ -192,10 +193,11 @@ class Pool(PoolDrivers):
     _IMAP_AHEAD = 2 * DEPTH
 
     def __new__(cls, *args: Any, backend: Any = None, **kwargs: Any) -> Any:
-        if backend is not None and getattr(backend, "name", "local") != "local":
+        engine = resolve(backend)  # once: TypeError for what is no backend
+        if engine is not None:
             kwargs.pop("context", None)
             kwargs.pop("_lazy", None)
-            return backend.Pool(*args, **kwargs)  # another engine's pool, same face
+            return engine.Pool(*args, **kwargs)  # another engine's pool, same face
         return super().__new__(cls)
 
     def __init__(

@@ -14,6 +14,7 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 
+from .._backend import resolve
 from ._pool import WORKER_MAX_IDLE_TIME, Pool
 
 __all__ = ("current_default_limiter", "current_default_pool", "run_sync")
@@ -90,8 +91,9 @@ async def run_sync(
     finishes; with ``True``, cancelling kills the worker running it. ``backend`` runs the
     call elsewhere (e.g. an :class:`aioshm.RayBackend`).
     """
-    if backend is not None and getattr(backend, "name", "local") != "local":
-        return await backend.run_sync(func, *args, cancellable=cancellable, limiter=limiter)
+    engine = resolve(backend)
+    if engine is not None:
+        return await engine.run_sync(func, *args, cancellable=cancellable, limiter=limiter)
     pool = current_default_pool()
     _retire_idle(pool)
     async with limiter or current_default_limiter():
