@@ -73,14 +73,7 @@ from .._wire._pool import SWEEP, decode_init_failed
 from .._wire._report import Report, Returned
 from ._drivers import PoolDrivers, _Waiter
 from ._results import AsyncResult, PoolStatistics
-from ._scheduler import (
-    DEPTH,
-    SendAhead,
-    StartupRule,
-    batch_limit,
-    blame_and_requeue,
-    pick_worker,
-)
+from ._scheduler import DEPTH, JobState, Scheduler, WorkerState
 from ._worker import TaskCounter, worker_main
 
 __all__ = ("Pool",)
@@ -100,19 +93,8 @@ _job_ids = itertools.count()
 # --------------------------------------------------------------------------- workers and jobs
 
 
-class _Job:
-    __slots__ = (
-        "abandoned",
-        "args",
-        "cancellable",
-        "fn",
-        "id",
-        "index",
-        "kwds",
-        "result",
-        "sent_at",
-        "worker",
-    )
+class _Job(JobState):
+    __slots__ = ("args", "fn", "index", "kwds", "result")
 
     def __init__(
         self,
@@ -123,32 +105,24 @@ class _Job:
         index: int | None,
         cancellable: bool,
     ) -> None:
-        self.id = next(_job_ids)
+        super().__init__(next(_job_ids), cancellable)
         self.fn, self.args, self.kwds = fn, args, kwds
         self.result = result
         self.index = index
-        self.cancellable = cancellable
-        self.abandoned = False  # its awaiter was cancelled (cancellable jobs only)
-        self.worker: _Worker | None = None
-        self.sent_at = 0.0
 
 
-class _Worker:
+class _Worker(WorkerState):
     __slots__ = (
-        "budget",
-        "eof",
-        "finished",
-        "idle_since",
-        "inflight",
         "init_error",
         "proc",
         "results",
         "results_fd",
         "sentinel",
-        "stopping",
         "taken",
         "tasks",
     )
+
+    inflight: collections.deque[_Job]  # type: ignore[assignment]
 
     def __init__(
         self,
@@ -158,18 +132,13 @@ class _Worker:
         taken: TaskCounter,
         budget: int | None,
     ):
+        super().__init__(budget, time.monotonic())
         self.proc = proc
         self.sentinel: int = proc.sentinel
         self.tasks = tasks
         self.results = results
         self.results_fd = results.fileno()
         self.taken = taken  # task records the worker took off its channel (shared page)
-        self.finished = 0  # results (or reports) received from it
-        self.inflight: collections.deque[_Job] = collections.deque()
-        self.budget = budget  # tasks it may still be sent (maxtasksperchild)
-        self.idle_since = time.monotonic()
-        self.eof = False  # its result channel reached EOF: it is exiting
-        self.stopping = False  # being terminated by a cancelled await
         self.init_error: tuple[BaseException, str] | None = None  # its initializer raised
 
     def close_channels(self) -> None:
@@ -228,18 +197,18 @@ class Pool(PoolDrivers):
         self._initializer = initializer
         self._initargs = tuple(initargs)
         self._maxtasks = maxtasksperchild
-        self._workers: list[_Worker] = []
-        self._pending: collections.deque[_Job] = collections.deque()
-        self._jobs: dict[int, _Job] = {}
+        # the jobs and workers: Pool does the I/O, the scheduler keeps the books and decides
+        self._sched: Scheduler[_Job, _Worker] = Scheduler(maxtasksperchild)
+        self._workers: list[_Worker] = self._sched.workers
+        self._pending: collections.deque[_Job] = self._sched.pending
+        self._jobs: dict[int, _Job] = self._sched.jobs
         self._state = "RUN"
         self._mutex = threading.RLock()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._generation = 0
-        self._ahead = SendAhead()  # tasks in flight per worker
-        self._tasks_done = 0
-        self._replaced = 0
+        self._ahead = self._sched.ahead  # tasks in flight per worker
         self._woken = False  # a byte is in the wake-up pipe
         self._parked = 0  # drivers waiting on the pool's fds (they need a wake-up on changes)
         self._driving = False  # an awaiting task drives the pool
@@ -253,7 +222,7 @@ class Pool(PoolDrivers):
         self._watch_idle = 0  # its callbacks since the last such task left
         self._waiter_key: tuple[int, list[tuple[int, int]]] | None = None
         self._lazy = _lazy  # run_sync's pool starts workers on demand
-        self._startup = StartupRule()  # workers dead at start-up since one got through it
+        self._startup = self._sched.startup  # workers dead at start-up in a row
         self._broken: tuple[str, BaseException, str] | None = None  # (why, cause, traceback)
         self._guard: Any = None
         _pools.add(self)
@@ -290,7 +259,7 @@ class Pool(PoolDrivers):
             _reduction.release_spawn_fds(getattr(proc, "_popen", None))
         task_r.close()
         res_w.close()
-        self._workers.append(_Worker(proc, task_w, res_r, taken, self._maxtasks))
+        self._sched.worker_started(_Worker(proc, task_w, res_r, taken, self._maxtasks))
         self._generation += 1
         if self._parked:
             self._wake()  # who waits on the pool's fds must watch this worker's too
@@ -302,7 +271,7 @@ class Pool(PoolDrivers):
             self._start_worker()
 
     def _remove_worker(self, worker: _Worker) -> None:
-        self._workers.remove(worker)
+        self._sched.worker_removed(worker)
         worker.close_channels()
         self._generation += 1
         if self._parked:
@@ -323,9 +292,8 @@ class Pool(PoolDrivers):
             if self._broken is not None:  # e.g. an imap's next chunk
                 result._finish(None, self._broken_error())
                 return
-            self._jobs[job.id] = job
+            self._sched.submitted(job)
             result._jobs.add(job)
-            self._pending.append(job)
             generation = self._generation
             if self._lazy:
                 self._grow()  # starts workers on demand
@@ -334,12 +302,7 @@ class Pool(PoolDrivers):
                 self._wake()  # the driver must watch other fds now
 
     def _forget(self, job: _Job) -> None:
-        self._jobs.pop(job.id, None)
-        if job.worker is None:
-            try:
-                self._pending.remove(job)
-            except ValueError:
-                pass
+        self._sched.forget(job)
 
     # -- the pump -----------------------------------------------------------------------------
     def _step(self, ready: set[int] | None = None) -> None:
@@ -348,10 +311,10 @@ class Pool(PoolDrivers):
         ``ready``: the fds a wait found ready (only those are read); None reads everything.
         """
         with self._mutex:
-            done_before = self._tasks_done
+            done_before = self._sched.done
             self._step_locked(ready)
             if (
-                self._tasks_done != done_before
+                self._sched.done != done_before
                 and self._driving
                 and self._driver_thread != threading.get_ident()
             ):
@@ -383,9 +346,9 @@ class Pool(PoolDrivers):
             elif len(self._workers) < self._processes:
                 self._repopulate()
         self._dispatch()
-        if self._state == "CLOSE" and not self._pending:
-            for worker in list(self._workers):
-                if not worker.inflight and not worker.tasks.closed:
+        if self._state == "CLOSE":
+            for worker in self._sched.idle_to_exit():
+                if not worker.tasks.closed:
                     self._send_exit(worker)
 
     def _grow(self) -> None:
@@ -418,22 +381,13 @@ class Pool(PoolDrivers):
                 report = report_of(msg)
                 if type(report) is Lost and self._init_failed(worker, msg):
                     continue  # no task's outcome: the worker exits now
-            worker.finished += 1
-            if self._startup.deaths:
-                self._startup.got_through()
-            job = worker.inflight.popleft() if worker.inflight else None
-            now = time.monotonic()
+            job, stop = self._sched.result(worker, time.monotonic())
             if job is not None:
-                # it ran from when it was sent, or from the previous result if it was queued
-                self._ahead.took(now - max(job.sent_at, worker.idle_since))
                 if type(report) is Returned and report.key == job.id:
                     self._complete(job, report.value, None)
                 else:
                     self._complete(job, None, _task_failure(report, job, worker))
-            worker.idle_since = now
-            if worker.inflight and worker.inflight[0].abandoned and not worker.stopping:
-                # the next task it runs was cancelled by its awaiter: stop the worker
-                worker.stopping = True
+            if stop:  # the next task it runs was cancelled by its awaiter
                 worker.proc.terminate()
 
     def _init_failed(self, worker: _Worker, msg: object) -> bool:
@@ -452,9 +406,7 @@ class Pool(PoolDrivers):
         return True
 
     def _complete(self, job: _Job, value: Any, error: BaseException | None) -> None:
-        self._tasks_done += 1
-        self._jobs.pop(job.id, None)
-        job.worker = None
+        self._sched.ended(job)
         job.fn = job.args = job.kwds = None  # type: ignore[assignment]
         job.result._job_done(job, value, error)
 
@@ -462,23 +414,23 @@ class Pool(PoolDrivers):
         self._read_results(worker)  # what it sent before dying is still there
         worker.proc.join()  # not alive any more: returns at once
         exitcode = worker.proc.exitcode
-        startup_death = (
-            not worker.taken.started
-            and self._state == "RUN"
-            and not worker.stopping
-            and self._broken is None
+        death = self._sched.worker_died(
+            worker,
+            worker.taken.value,
+            worker.taken.started,
+            exitcode,
+            running=self._state == "RUN",
+            broken=self._broken is not None,
         )
-        if worker.taken.started:
-            self._startup.got_through()
-        breaking = startup_death and self._startup.died_at_startup()
-        if startup_death or (
+        breaking = death.breaks
+        if death.at_startup or (
             exitcode not in (0, None) and self._state == "RUN" and not worker.stopping
         ):
             log.warning(
                 "pool worker %s (pid %s) died%s with %s%s",
                 worker.proc.name,
                 worker.proc.pid,
-                " at start-up" if startup_death else "",
+                " at start-up" if death.at_startup else "",
                 _exit_text(exitcode),
                 "" if breaking or self._broken is not None else "; replacing it",
             )
@@ -486,19 +438,7 @@ class Pool(PoolDrivers):
             log.info(
                 "pool worker %s (pid %s) stopped; replacing it", worker.proc.name, worker.proc.pid
             )
-        running, requeued, dropped = blame_and_requeue(
-            worker.inflight,
-            worker.taken.value,
-            worker.finished,
-            self._pending,
-            lambda job: job.abandoned,  # cancelled ones are dropped
-        )
-        for job in requeued:  # they never started: sent elsewhere
-            job.worker = None
-        for job in dropped:
-            job.worker = None
-            self._jobs.pop(job.id, None)
-        if running is not None:  # it died running its oldest task
+        if death.blamed is not None:  # it died running its oldest task
             name = signal_name_of(exitcode) if exitcode is not None else None
             what = f"signal {name}" if name else f"exit code {exitcode}"
             error = ProcessExitedException(
@@ -509,10 +449,7 @@ class Pool(PoolDrivers):
                 exitcode if exitcode is not None else -1,
                 name,
             )
-            self._complete(running, None, error)
-            self._replaced += 1
-        elif exitcode not in (0, None) and self._state == "RUN":
-            self._replaced += 1
+            self._complete(death.blamed, None, error)
         self._remove_worker(worker)
         _close_popen(worker.proc)
         if breaking:
@@ -565,25 +502,14 @@ class Pool(PoolDrivers):
         pending = self._pending
         if not pending:
             return
-        depth = self._ahead.depth
-        ready = [
-            w
-            for w in self._workers
-            if len(w.inflight) < depth
-            and w.budget != 0
-            and not w.eof
-            and not w.stopping
-            and not w.tasks.closed
-        ]
+        sched = self._sched
+        ready = [w for w in sched.ready() if not w.tasks.closed]
         while pending and ready:
-            worker = ready[pick_worker([len(w.inflight) for w in ready])]
-            limit = batch_limit(
-                len(worker.inflight), depth, worker.budget, len(pending), len(ready)
-            )
+            worker, limit = sched.dispatch_plan(ready)
             if not self._send_batch(worker, limit):
                 ready.remove(worker)  # its channel is full
                 continue
-            if len(worker.inflight) >= depth or worker.budget == 0:
+            if sched.full(worker):
                 ready.remove(worker)
 
     def _send_batch(self, worker: _Worker, limit: int) -> bool:
@@ -633,13 +559,7 @@ class Pool(PoolDrivers):
         if not sent:
             pending.extendleft(reversed(jobs))
             return False
-        now = time.monotonic()
-        for job in jobs:
-            job.worker = worker
-            job.sent_at = now
-            worker.inflight.append(job)
-        if worker.budget is not None:
-            worker.budget -= len(jobs)
+        self._sched.sent(worker, jobs, time.monotonic())
         return True
 
     def _send_exit(self, worker: _Worker) -> None:
@@ -688,20 +608,9 @@ class Pool(PoolDrivers):
         """Give up ``result``'s jobs (under the mutex): drop the unsent ones, mark the sent
         cancellable ones abandoned and mark for stopping the workers running one of them.
         Returns ``(workers to stop, some job was cancelled, some job was dropped)``."""
-        stop: list[_Worker] = []
-        cancelled = dropped = False
-        for job in list(result._jobs):
-            worker = job.worker
-            if worker is None:
-                self._forget(job)
-                result._jobs.discard(job)
-                dropped = True
-            elif job.cancellable:
-                job.abandoned = cancelled = True
-                if worker.inflight and worker.inflight[0] is job and not worker.stopping:
-                    worker.stopping = True
-                    stop.append(worker)
-        return stop, cancelled, dropped
+        gone, stop, cancelled = self._sched.cancel(list(result._jobs))
+        result._jobs.difference_update(gone)
+        return stop, cancelled, bool(gone)
 
     async def _abandon(self, result: AsyncResult) -> None:
         """The awaiting task was cancelled before ``result`` was ready.
@@ -779,11 +688,7 @@ class Pool(PoolDrivers):
         self._release()
 
     def _fail_all(self, why: str, make_error: Callable[[], Any] | None = None) -> None:
-        jobs = list(self._jobs.values())
-        self._pending.clear()
-        for worker in self._workers:
-            worker.inflight.clear()
-        for job in jobs:
+        for job in self._sched.fail_all():
             error = make_error() if make_error else PoolClosed(f"{why} before this task finished")
             self._complete(job, None, error)
 
@@ -822,8 +727,8 @@ class Pool(PoolDrivers):
                 busy_workers=busy,
                 tasks_pending=len(self._pending),
                 tasks_running=busy,
-                tasks_done=self._tasks_done,
-                workers_replaced=self._replaced,
+                tasks_done=self._sched.done,
+                workers_replaced=self._sched.replaced,
                 live_segments=len(segs),
                 live_segment_bytes=sum(s.size for s in segs),
             )
