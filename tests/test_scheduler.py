@@ -276,21 +276,25 @@ def test_maxtasksperchild_budget_bounds_what_a_worker_is_sent() -> None:
 
 
 def test_terminate_with_tasks_pending_fails_every_job_once() -> None:
-    sched, (w,) = make()
+    sched, (w, idle) = make(2)
     jobs = submit(sched, 5)
     dispatch(sched)
-    failed = sched.fail_all()
+    assert sched.pending and w.inflight and idle.inflight
+    failed = sched.terminate()
     assert sorted(j.id for j in failed) == [j.id for j in jobs]
-    assert not sched.pending and not w.inflight
+    assert not sched.pending and not w.inflight and not idle.inflight
     for job in failed:
         sched.ended(job)
-    assert sched.fail_all() == [] and sched.done == 5
-    death = sched.worker_died(w, 1, True, -15, running=False)
+    assert sched.terminate() == [] and sched.done == 5 and not sched.jobs
+    death = sched.worker_died(w, 1, True, -15)  # it was running one: nothing left to blame
     assert death.blamed is None and sched.replaced == 0  # terminated: not replaced
+    assert sched.workers_to_start(2) == 0
+    assert sched.idle_to_exit() == []  # terminated workers are stopped, not asked to exit
 
 
 def test_the_broken_pool_rule_on_worker_deaths() -> None:
     sched, _ = make(0)
+    assert sched.workers_to_start(2) == 2
     for i in range(STARTUP_FAILURES - 1):
         death = sched.worker_died(Worker(i, None), 0, False, 1)
         assert death.at_startup and not death.breaks
@@ -298,10 +302,17 @@ def test_the_broken_pool_rule_on_worker_deaths() -> None:
     stopped = Worker(10, None)
     stopped.stopping = True
     assert not sched.worker_died(stopped, 0, False, -15).at_startup  # we stopped it
-    assert not sched.worker_died(Worker(11, None), 0, False, 1, running=False).at_startup
-    assert not sched.worker_died(Worker(12, None), 0, False, 1, broken=True).at_startup
     deaths = [sched.worker_died(Worker(i, None), 0, False, 1) for i in range(STARTUP_FAILURES)]
     assert [d.breaks for d in deaths] == [False] * (STARTUP_FAILURES - 1) + [True]
+    # the pool breaks: every job fails, the workers left are stopped, nothing starts again
+    alive = Worker(20, None)
+    sched.worker_started(alive)
+    pending = submit(sched, 2)
+    failed, stop = sched.break_pool()
+    assert failed == pending and stop == [alive] and alive.stopping and not sched.pending
+    assert not sched.submitted(JobState(99))  # later tasks fail at once
+    assert sched.workers_to_start(4) == 0
+    assert not sched.worker_died(Worker(12, None), 0, False, 1).at_startup  # broken already
     # a result from any worker resets the count too
     sched2, (w,) = make()
     sched2.worker_died(Worker(5, None), 0, False, 1)
@@ -312,13 +323,40 @@ def test_the_broken_pool_rule_on_worker_deaths() -> None:
     assert sched2.startup.deaths == 0
 
 
+def test_start_up_deaths_after_close_or_terminate_do_not_count() -> None:
+    for stop in ("close", "terminate"):
+        sched, _ = make(0)
+        getattr(sched, stop)()
+        for i in range(STARTUP_FAILURES):
+            death = sched.worker_died(Worker(i, None), 0, False, 1)
+            assert not death.at_startup and not death.breaks
+        assert sched.workers_to_start(2) == 0  # and none is replaced
+
+
+def test_workers_to_start_replaces_the_dead_and_a_lazy_pool_grows_on_demand() -> None:
+    sched, (w, _) = make(2)
+    assert sched.workers_to_start(2) == 0
+    sched.worker_died(w, 0, True, -9)
+    sched.worker_removed(w)
+    assert sched.workers_to_start(2) == 1
+    lazy, _ = make(0)
+    assert lazy.workers_to_start(4, lazy=True) == 0  # nothing to run: none
+    submit(lazy, 3)
+    assert lazy.workers_to_start(4, lazy=True) == 3  # one per task, up to the size
+    submit(lazy, 3)
+    assert lazy.workers_to_start(4, lazy=True) == 4
+
+
 def test_idle_workers_exit_on_close_once_nothing_is_pending() -> None:
     sched, (w, idle) = make(2)
     submit(sched, 3)
     sched.sent(w, [sched.pending.popleft()], 0.0)
+    assert sched.idle_to_exit() == []  # still running
+    sched.close()
     assert sched.idle_to_exit() == []  # two still pending
     sched.pending.clear()
     assert sched.idle_to_exit() == [idle]
+    assert sched.workers_to_start(2) == 0
 
 
 # --------------------------------------------------------------------------- random event orders
@@ -454,7 +492,7 @@ def test_no_task_is_lost_or_completed_twice(
         elif kind == "cancel":
             driver.cancel(n)
         elif kind == "terminate":
-            for job in driver.sched.fail_all():  # PoolClosed
+            for job in driver.sched.terminate():  # PoolClosed
                 driver.end(job)
             for i in range(nworkers):  # the workers are stopped, their results ignored
                 driver.worker(i).taken = driver.worker(i).finished

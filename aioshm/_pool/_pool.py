@@ -202,7 +202,6 @@ class Pool(PoolDrivers):
         self._workers: list[_Worker] = self._sched.workers
         self._pending: collections.deque[_Job] = self._sched.pending
         self._jobs: dict[int, _Job] = self._sched.jobs
-        self._state = "RUN"
         self._mutex = threading.RLock()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -227,10 +226,15 @@ class Pool(PoolDrivers):
         self._guard: Any = None
         _pools.add(self)
         try:
-            self._repopulate()
+            self._start_workers()
         except BaseException:
             self._kill_all()
             raise
+
+    @property
+    def _state(self) -> str:  # type: ignore[override]
+        """ "RUN", then "CLOSE" or "TERMINATE" (the scheduler's)."""
+        return self._sched.state
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} state={self._state} pool_size={self._processes}>"
@@ -264,10 +268,9 @@ class Pool(PoolDrivers):
         if self._parked:
             self._wake()  # who waits on the pool's fds must watch this worker's too
 
-    def _repopulate(self) -> None:
-        if self._state != "RUN" or self._lazy or self._broken is not None:
-            return
-        while len(self._workers) < self._processes:
+    def _start_workers(self) -> None:
+        """Start the workers the scheduler asks for (replacements; a lazy pool's on demand)."""
+        for _ in range(self._sched.workers_to_start(self._processes, self._lazy)):
             self._start_worker()
 
     def _remove_worker(self, worker: _Worker) -> None:
@@ -289,14 +292,13 @@ class Pool(PoolDrivers):
     ) -> None:
         job = _Job(fn, args, kwds, result, index, cancellable)
         with self._mutex:
-            if self._broken is not None:  # e.g. an imap's next chunk
+            if not self._sched.submitted(job):  # broken (e.g. an imap's next chunk)
                 result._finish(None, self._broken_error())
                 return
-            self._sched.submitted(job)
             result._jobs.add(job)
             generation = self._generation
             if self._lazy:
-                self._grow()  # starts workers on demand
+                self._start_workers()  # on demand
             self._dispatch()
             if self._parked and (self._pending or self._generation != generation):
                 self._wake()  # the driver must watch other fds now
@@ -340,25 +342,12 @@ class Pool(PoolDrivers):
                     not worker.proc.is_alive()
                 ):
                     self._worker_died(worker)
-        if self._state == "RUN":
-            if self._lazy:
-                self._grow()
-            elif len(self._workers) < self._processes:
-                self._repopulate()
+        if len(self._workers) < self._processes:
+            self._start_workers()
         self._dispatch()
-        if self._state == "CLOSE":
-            for worker in self._sched.idle_to_exit():
-                if not worker.tasks.closed:
-                    self._send_exit(worker)
-
-    def _grow(self) -> None:
-        """A lazy pool (run_sync's) starts a worker for each task no idle worker can take."""
-        if self._state != "RUN" or self._broken is not None:
-            return
-        busy = sum(1 for w in self._workers if w.inflight)
-        want = min(self._processes, busy + len(self._pending))
-        while len(self._workers) < want:
-            self._start_worker()
+        for worker in self._sched.idle_to_exit():
+            if not worker.tasks.closed:
+                self._send_exit(worker)
 
     def _read_results(self, worker: _Worker) -> None:
         results = worker.results
@@ -419,8 +408,6 @@ class Pool(PoolDrivers):
             worker.taken.value,
             worker.taken.started,
             exitcode,
-            running=self._state == "RUN",
-            broken=self._broken is not None,
         )
         breaking = death.breaks
         if death.at_startup or (
@@ -483,10 +470,11 @@ class Pool(PoolDrivers):
             )
         self._broken = (f"the pool is broken: {why}", cause, tb_text)
         log.error("%s; it starts no more workers and fails every task", self._broken[0])
-        self._fail_all("", self._broken_error)
-        for other in self._workers:
-            if not other.stopping and other.proc.is_alive():
-                other.stopping = True
+        jobs, stop = self._sched.break_pool()
+        for job in jobs:
+            self._complete(job, None, self._broken_error())
+        for other in stop:
+            if other.proc.is_alive():
                 other.proc.terminate()
 
     def _broken_error(self) -> BrokenPool | None:
@@ -643,16 +631,14 @@ class Pool(PoolDrivers):
     def close(self) -> None:
         """Accept no more work; workers exit once the submitted work is done."""
         with self._mutex:
-            if self._state == "RUN":
-                self._state = "CLOSE"
+            self._sched.close()
             self._step()
         self._wake()
 
     def terminate(self) -> None:
         """Stop the workers now; pending and running tasks fail with ``PoolClosed``."""
         with self._mutex:
-            self._state = "TERMINATE"
-            self._fail_all("the pool was terminated")
+            self._fail_all(self._sched.terminate(), "the pool was terminated")
             for worker in self._workers:
                 if worker.proc.is_alive():
                     worker.proc.terminate()
@@ -677,8 +663,7 @@ class Pool(PoolDrivers):
     async def terminate_async(self) -> None:
         """Awaitable :meth:`terminate` (terminate, grace period, kill, reap)."""
         with self._mutex:
-            self._state = "TERMINATE"
-            self._fail_all("the pool was terminated")
+            self._fail_all(self._sched.terminate(), "the pool was terminated")
             procs = [w.proc for w in self._workers]
         with anyio.CancelScope(shield=True):
             await stop_async(procs, GRACE_PERIOD)
@@ -687,15 +672,14 @@ class Pool(PoolDrivers):
                 self._worker_died(worker)
         self._release()
 
-    def _fail_all(self, why: str, make_error: Callable[[], Any] | None = None) -> None:
-        for job in self._sched.fail_all():
-            error = make_error() if make_error else PoolClosed(f"{why} before this task finished")
-            self._complete(job, None, error)
+    def _fail_all(self, jobs: list[_Job], why: str) -> None:
+        """Fail ``jobs`` (the scheduler's :meth:`~Scheduler.terminate`) with ``PoolClosed``."""
+        for job in jobs:
+            self._complete(job, None, PoolClosed(f"{why} before this task finished"))
 
     def _shutdown_now(self) -> None:
         with self._mutex:
-            self._state = "TERMINATE"
-            self._fail_all("the event loop ended")
+            self._fail_all(self._sched.terminate(), "the event loop ended")
         self._kill_all()
 
     def _kill_all(self) -> None:

@@ -20,8 +20,12 @@ event                            decision / effect
 ``worker_died(w, ...)``          :class:`Death`: the job to fail, those requeued or
                                  dropped, a start-up death, the pool breaks
 ``cancel(jobs)``                 the unsent dropped, the workers to stop
-``fail_all()``                   terminate or broken: every job to fail
-``idle_to_exit()``               on close: the workers to send the exit record
+``close()``                      no more submissions
+``terminate()``                  every job to fail; no more workers
+``break_pool()``                 (after a Death that breaks) every job to fail, the
+                                 workers to stop; nothing accepted any more
+``workers_to_start(n, lazy)``    how many workers to start (replacements, on demand)
+``idle_to_exit()``               after close: the workers to send the exit record
 ==============================  ====================================================
 
 It is built on rules that are pure functions of plain values:
@@ -227,7 +231,18 @@ class Scheduler(Generic[JS, WS]):
     many, :meth:`idle_to_exit` which workers to send the exit record on close.
     """
 
-    __slots__ = ("ahead", "done", "jobs", "maxtasks", "pending", "replaced", "startup", "workers")
+    __slots__ = (
+        "ahead",
+        "broken",
+        "done",
+        "jobs",
+        "maxtasks",
+        "pending",
+        "replaced",
+        "startup",
+        "state",
+        "workers",
+    )
 
     def __init__(self, maxtasks: int | None = None) -> None:
         self.maxtasks = maxtasks
@@ -238,12 +253,18 @@ class Scheduler(Generic[JS, WS]):
         self.startup = StartupRule()
         self.done = 0  # jobs ended (a result, an error, a cancellation)
         self.replaced = 0  # workers that died (or were stopped) and were replaced
+        self.state = "RUN"  # then "CLOSE" (close) or "TERMINATE" (terminate)
+        self.broken = False  # the broken-pool rule struck: it fails every task
 
     # -- events ---------------------------------------------------------------------------
-    def submitted(self, job: JS) -> None:
-        """A task was submitted: it waits in the pending queue."""
+    def submitted(self, job: JS) -> bool:
+        """A task was submitted: it waits in the pending queue. False if the pool is broken
+        (fail it at once)."""
+        if self.broken:
+            return False
         self.jobs[job.id] = job
         self.pending.append(job)
+        return True
 
     def worker_started(self, worker: WS) -> None:
         self.workers.append(worker)
@@ -297,16 +318,15 @@ class Scheduler(Generic[JS, WS]):
         taken: int,
         started: bool,
         exitcode: int | None,
-        *,
-        running: bool = True,
-        broken: bool = False,
     ) -> Death[JS]:
         """``worker`` is dead and its results all read: it took ``taken`` tasks, ``started``
-        says whether it reached its task loop; ``running``: the pool was not closed or
-        terminated; ``broken``: it had given up already. Blames the task it died running,
-        requeues the others, forgets cancelled ones, applies the broken-pool rule. Remove the
-        worker with :meth:`worker_removed`."""
-        at_startup = not started and running and not worker.stopping and not broken
+        says whether it reached its task loop. Blames the task it died running, requeues the
+        others, forgets cancelled ones, applies the broken-pool rule (a worker that dies before
+        its task loop while the pool runs counts, unless it was being stopped or the pool
+        broken already; if :attr:`Death.breaks`, apply :meth:`break_pool`). Remove the worker
+        with :meth:`worker_removed` (and see :meth:`workers_to_start`)."""
+        running = self.state == "RUN"
+        at_startup = not started and running and not worker.stopping and not self.broken
         if started:
             self.startup.got_through()
         breaks = at_startup and self.startup.died_at_startup()
@@ -345,6 +365,26 @@ class Scheduler(Generic[JS, WS]):
                     stop.append(cast("WS", worker))
         return dropped, stop, cancelled
 
+    def close(self) -> None:
+        """No more submissions: workers exit once the work is done (:meth:`idle_to_exit`)."""
+        if self.state == "RUN":
+            self.state = "CLOSE"
+
+    def terminate(self) -> list[JS]:
+        """Stop now: every job not ended, to fail (see :meth:`fail_all`); no worker is
+        replaced any more. The caller stops the workers."""
+        self.state = "TERMINATE"
+        return self.fail_all()
+
+    def break_pool(self) -> tuple[list[JS], list[WS]]:
+        """The broken-pool rule struck: every job not ended, to fail, and the workers to stop
+        (marked stopping); from now on nothing is accepted and no worker is started."""
+        self.broken = True
+        stop = [w for w in self.workers if not w.stopping]
+        for worker in stop:
+            worker.stopping = True
+        return self.fail_all(), stop
+
     def fail_all(self) -> list[JS]:
         """Terminate, or the broken-pool rule: every job not ended, to fail now (the caller
         ends each with :meth:`ended`); nothing is pending or in flight any more."""
@@ -376,9 +416,20 @@ class Scheduler(Generic[JS, WS]):
         """``worker`` may be sent no more tasks now (its depth or budget is used up)."""
         return len(worker.inflight) >= self.ahead.depth or worker.budget == 0
 
+    def workers_to_start(self, processes: int, lazy: bool = False) -> int:
+        """How many workers to start for a pool of ``processes``: none once closed or broken;
+        a ``lazy`` pool (run_sync's) one for each task no idle worker can take."""
+        if self.state != "RUN" or self.broken:
+            return 0
+        want = processes
+        if lazy:
+            busy = sum(1 for w in self.workers if w.inflight)
+            want = min(processes, busy + len(self.pending))
+        return max(0, want - len(self.workers))
+
     def idle_to_exit(self) -> list[WS]:
-        """On close, once nothing is pending: the workers with nothing in flight (send them
-        the exit record)."""
-        if self.pending:
+        """After close, once nothing is pending: the workers with nothing in flight (send
+        them the exit record)."""
+        if self.state != "CLOSE" or self.pending:
             return []
         return [w for w in self.workers if not w.inflight]
