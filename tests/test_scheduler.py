@@ -347,6 +347,18 @@ def test_workers_to_start_replaces_the_dead_and_a_lazy_pool_grows_on_demand() ->
     assert lazy.workers_to_start(4, lazy=True) == 4
 
 
+def test_exiting_and_stopping_workers_are_sent_nothing() -> None:
+    sched, (exiting, stopping, fine, spent) = make(4, maxtasks=1)
+    sched.worker_exiting(exiting)
+    stopping.stopping = True
+    sched.sent(spent, submit(sched, 1), 0.0)
+    sched.pending.clear()
+    assert [sched.can_take(w) for w in sched.workers] == [False, False, True, False]
+    assert sched.ready() == [fine]
+    submit(sched, 3)
+    assert dispatch(sched) == [(fine, [sched.jobs[1]])]  # its budget: one
+
+
 def test_idle_workers_exit_on_close_once_nothing_is_pending() -> None:
     sched, (w, idle) = make(2)
     submit(sched, 3)

@@ -356,7 +356,7 @@ class Pool(PoolDrivers):
                 got = results.try_recv_record()
             except EOFError:
                 if not worker.eof:
-                    worker.eof = True
+                    self._sched.worker_exiting(worker)
                     self._generation += 1  # stop watching its result channel
                 return
             if got is None:
@@ -563,13 +563,7 @@ class Pool(PoolDrivers):
             if not worker.results.closed and not worker.eof:
                 fds.append((worker.results.fileno(), _IN))
             fds.append((worker.sentinel, _IN))
-            if (
-                self._pending
-                and not worker.tasks.closed
-                and len(worker.inflight) < self._ahead.depth
-                and worker.budget != 0
-                and not worker.stopping
-            ):
+            if self._pending and not worker.tasks.closed and self._sched.can_take(worker):
                 fds.append((worker.tasks.fileno(), _OUT))
         return fds
 

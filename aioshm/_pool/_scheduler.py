@@ -13,6 +13,7 @@ event                            decision / effect
 ``worker_started(w)``            ``w`` may be sent tasks
 ``ready()``, ``dispatch_plan``   which worker gets the next batch, and how many tasks
 ``sent(w, jobs, now)``           they are in flight on ``w`` (budget spent)
+``worker_exiting(w)``            send it nothing more (its results reached EOF)
 ``result(w, now)``               the job it is for; stop ``w`` (its next task was
                                  cancelled); the send-ahead depth adapts
 ``ended(job)``                   forgotten (completed, failed, cancelled)
@@ -298,6 +299,10 @@ class Scheduler(Generic[JS, WS]):
             worker.stopping = True
         return job, stop
 
+    def worker_exiting(self, worker: WS) -> None:
+        """``worker``'s result channel reached EOF: it is exiting; send it nothing more."""
+        worker.eof = True
+
     def ended(self, job: JS) -> None:
         """``job`` is over (completed, failed or cancelled): forget it."""
         self.done += 1
@@ -395,8 +400,19 @@ class Scheduler(Generic[JS, WS]):
         return jobs
 
     # -- decisions --------------------------------------------------------------------------
+    def can_take(self, worker: WS) -> bool:
+        """``worker`` may be sent a task now: room in its depth and budget, not exiting or
+        being stopped (the pool watches its task channel for room only then)."""
+        return (
+            len(worker.inflight) < self.ahead.depth
+            and worker.budget != 0
+            and not worker.eof
+            and not worker.stopping
+        )
+
     def ready(self) -> list[WS]:
-        """The workers that may be sent a task now (room in the depth, budget, not exiting)."""
+        """The workers that may be sent a task now (:meth:`can_take`, inlined: this runs
+        once per dispatch)."""
         depth = self.ahead.depth
         return [
             w
