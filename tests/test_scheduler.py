@@ -177,7 +177,7 @@ def dispatch(sched: Sched) -> list[tuple[Worker, list[JobState]]]:
     while sched.pending and ready:
         worker, limit = sched.dispatch_plan(ready)
         assert limit > 0
-        batch = [sched.pending.popleft() for _ in range(min(limit, len(sched.pending)))]
+        batch = list(sched.pending)[:limit]
         sched.sent(worker, batch, 0.0)
         sent.append((worker, batch))
         if sched.full(worker):
@@ -205,8 +205,7 @@ def test_death_inside_a_batch_blames_the_running_task_and_requeues_the_rest() ->
     sched, (w, other) = make(2)
     sched.ahead.depth = 8
     a, b, c, d, e = submit(sched, 5)
-    batch = [sched.pending.popleft() for _ in range(4)]  # one record of four tasks
-    sched.sent(w, batch, 0.0)
+    sched.sent(w, [a, b, c, d], 0.0)  # one record of four tasks
     assert list(sched.pending) == [e]
     w.taken = 2  # took the batch's first two
     job, _ = sched.result(w, 1.0)
@@ -347,6 +346,26 @@ def test_workers_to_start_replaces_the_dead_and_a_lazy_pool_grows_on_demand() ->
     assert lazy.workers_to_start(4, lazy=True) == 4
 
 
+def test_a_task_that_cannot_be_sent_is_forgotten_the_rest_go() -> None:
+    """As Pool._send_batch does it: the batch is built from the front of the pending queue,
+    a task that does not pickle is forgotten (and failed), the others are sent."""
+    sched, (w,) = make()
+    sched.ahead.depth = 4
+    a, bad, c, d = submit(sched, 4)
+    sched.forget(bad)
+    sched.ended(bad)
+    sched.sent(w, [a, c], 0.0)
+    assert list(sched.pending) == [d] and list(w.inflight) == [a, c]
+    assert bad.id not in sched.jobs and sched.done == 1 and a.worker is w
+
+
+def test_idle_workers_to_retire() -> None:
+    sched, (busy, idle, fresh) = make(3)
+    busy.idle_since, idle.idle_since, fresh.idle_since = 1.0, 1.0, 9.0
+    sched.sent(busy, submit(sched, 1), 1.0)
+    assert sched.idle_since_before(5.0) == [idle]
+
+
 def test_exiting_and_stopping_workers_are_sent_nothing() -> None:
     sched, (exiting, stopping, fine, spent) = make(4, maxtasks=1)
     sched.worker_exiting(exiting)
@@ -362,7 +381,7 @@ def test_exiting_and_stopping_workers_are_sent_nothing() -> None:
 def test_idle_workers_exit_on_close_once_nothing_is_pending() -> None:
     sched, (w, idle) = make(2)
     submit(sched, 3)
-    sched.sent(w, [sched.pending.popleft()], 0.0)
+    sched.sent(w, [sched.pending[0]], 0.0)
     assert sched.idle_to_exit() == []  # still running
     sched.close()
     assert sched.idle_to_exit() == []  # two still pending

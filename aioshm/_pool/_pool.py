@@ -511,12 +511,13 @@ class Pool(PoolDrivers):
         record: Any = None
         fds: list[int] = []
         owned: list[bool] = []
-        while pending and len(jobs) < limit and size < BATCH_BYTES:
-            job = pending[0]
+        # the batch is the front of the pending queue: the scheduler takes it off when sent
+        while len(jobs) < min(limit, len(pending)) and size < BATCH_BYTES:
+            job = pending[len(jobs)]
             try:
                 data, fds, owned = worker.tasks.encode((job.id, job.fn, job.args, job.kwds))
             except Exception as exc:  # the task cannot be pickled: it fails alone
-                pending.popleft()
+                self._sched.forget(job)
                 self._complete(job, None, exc)
                 continue
             if fds or len(data) > BATCH_BYTES:
@@ -525,7 +526,6 @@ class Pool(PoolDrivers):
                     fds, owned = [], []
                     break
                 record = data
-            pending.popleft()
             jobs.append(job)
             payloads.append(data)
             size += len(data)
@@ -545,8 +545,7 @@ class Pool(PoolDrivers):
         finally:
             _reduction.close_owned(fds, owned)
         if not sent:
-            pending.extendleft(reversed(jobs))
-            return False
+            return False  # they stay pending
         self._sched.sent(worker, jobs, time.monotonic())
         return True
 

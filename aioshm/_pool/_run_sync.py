@@ -105,8 +105,7 @@ async def run_sync(
 
 
 def _retire_idle(pool: Pool) -> None:
-    now = time.monotonic()
+    cutoff = time.monotonic() - WORKER_MAX_IDLE_TIME
     with pool._mutex:
-        for worker in list(pool._workers):
-            if not worker.inflight and now - worker.idle_since > WORKER_MAX_IDLE_TIME:
-                pool._send_exit(worker)
+        for worker in pool._sched.idle_since_before(cutoff):
+            pool._send_exit(worker)

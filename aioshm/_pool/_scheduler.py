@@ -27,6 +27,7 @@ event                            decision / effect
                                  workers to stop; nothing accepted any more
 ``workers_to_start(n, lazy)``    how many workers to start (replacements, on demand)
 ``idle_to_exit()``               after close: the workers to send the exit record
+``idle_since_before(t)``         the idle workers to retire (run_sync's pool)
 ==============================  ====================================================
 
 It is built on rules that are pure functions of plain values:
@@ -274,8 +275,11 @@ class Scheduler(Generic[JS, WS]):
         self.workers.remove(worker)
 
     def sent(self, worker: WS, jobs: Sequence[JS], now: float) -> None:
-        """``jobs`` (taken off the front of the pending queue) went to ``worker``."""
+        """``jobs``, the front of the pending queue, went to ``worker``: they leave it."""
+        pending = self.pending
         for job in jobs:
+            assert pending[0] is job, "sent jobs are the front of the pending queue"
+            pending.popleft()
             job.worker = worker
             job.sent_at = now
             worker.inflight.append(job)
@@ -442,6 +446,11 @@ class Scheduler(Generic[JS, WS]):
             busy = sum(1 for w in self.workers if w.inflight)
             want = min(processes, busy + len(self.pending))
         return max(0, want - len(self.workers))
+
+    def idle_since_before(self, cutoff: float) -> list[WS]:
+        """The workers with nothing in flight since before ``cutoff`` (run_sync retires
+        them)."""
+        return [w for w in self.workers if not w.inflight and w.idle_since < cutoff]
 
     def idle_to_exit(self) -> list[WS]:
         """After close, once nothing is pending: the workers with nothing in flight (send
