@@ -16,6 +16,11 @@ How it works::
                                      ▼
     AsyncResult ◄── _step(): read results, reap dead workers, replace them, dispatch
 
+The books (which job is pending, in flight on which worker, ended) and every decision (which
+worker gets the next batch and how many, whom a death blames, which workers to stop, start or
+retire) are the sans-IO :class:`~aioshm._pool._scheduler.Scheduler`'s: the pool tells it what
+happened and applies what it answers.
+
 ``_step()`` never blocks. Whoever waits drives it: a blocking call (``get``, ``wait``, ``map``,
 ``join``…) polls the workers' fds in its own thread. On asyncio, a task awaiting a result
 parks on a future while the event loop itself watches one epoll fd covering every result
