@@ -28,6 +28,7 @@ import anyio
 import anyio.lowlevel
 
 from . import _spawn
+from ._backend import resolve
 from ._context import DEFAULT_START_METHOD
 from ._process import DEFAULT_GRACE_PERIOD, Lost, report_of
 from ._transport._proc import wait_reapable
@@ -265,8 +266,9 @@ def _start(
     backend: Backend | None,
 ) -> Awaitable[list[Any]]:
     """:func:`start_processes` and :func:`spawn`, unchecked (their overloads check callers)."""
-    if backend is not None and getattr(backend, "name", "local") != "local":
-        return backend.spawn(fn, args, nprocs, daemon=daemon, start_method=start_method)  # type: ignore[no-any-return]
+    engine = resolve(backend)
+    if engine is not None:
+        return engine.spawn(fn, args, nprocs, daemon=daemon, start_method=start_method)  # type: ignore[no-any-return]
     method = start_method or DEFAULT_START_METHOD
     _warn_fork_in_loop(method)
     return _spawn._start(fn, args, nprocs, daemon, method, AsyncProcessContext)

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Sequence
 from multiprocessing.process import BaseProcess
 from typing import Any, Generic, Protocol, TypeVar, overload
 
-from . import _connection, _process, _procutil, _reduction
+from . import _connection, _procutil, _reduction
 from ._exceptions import ProcessException
 from ._process import Lost, rebuild_failure, report_of, run_and_report
 from ._typing import ReturnT, Ts
@@ -42,10 +42,6 @@ __all__ = (
 )
 
 log = logging.getLogger(__name__)
-
-# the pool worker imports these two from here
-_round_trips = _process._round_trips
-_type_name = _process._type_name
 
 ENV_VAR_PARALLEL_START = "TORCH_MP_PARALLEL_START"
 

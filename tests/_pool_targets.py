@@ -165,6 +165,10 @@ def raise_unpicklable(msg: str) -> None:
     raise UnpicklableError(msg)
 
 
+def raise_keyboard_interrupt() -> None:
+    raise KeyboardInterrupt
+
+
 def return_lock() -> Any:
     return threading.Lock()
 

@@ -78,3 +78,68 @@ def test_local_backend_builds_aioshm_queues() -> None:
         finally:
             q.close()
             q.join_thread()
+
+
+class RecordingBackend(FakeBackend):
+    """A backend that records how its pool, spawn and run_sync were called."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
+
+    def spawn(self, fn: Any, args: Any, nprocs: int, **kwargs: Any) -> Any:
+        self.calls.append(("spawn", (fn, args, nprocs), kwargs))
+        return "spawned"
+
+    def Pool(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls.append(("Pool", args, kwargs))
+        return "pool"
+
+    async def run_sync(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        self.calls.append(("run_sync", (fn, *args), kwargs))
+        return "ran"
+
+
+def test_pool_and_spawn_go_to_the_backend() -> None:
+    fake = RecordingBackend()
+    assert aioshm.Pool(3, None, (), 5, context="spawn", backend=fake) == "pool"
+    assert aioshm.spawn(len, (1,), 2, daemon=True, backend=fake) == "spawned"
+    assert fake.calls == [
+        ("Pool", (3, None, (), 5), {}),  # the context is the local pool's business
+        ("spawn", (len, (1,), 2), {"daemon": True, "start_method": None}),
+    ]
+
+
+@pytest.mark.anyio
+async def test_run_sync_goes_to_the_backend() -> None:
+    fake = RecordingBackend()
+    assert await aioshm.run_sync(len, "ab", cancellable=True, backend=fake) == "ran"
+    assert fake.calls == [("run_sync", (len, "ab"), {"cancellable": True, "limiter": None})]
+
+
+class NamedLocal:
+    """No backend, though it says it is the local one (the old string check took it)."""
+
+    name = "local"
+
+
+@pytest.mark.parametrize("backend", ["ray", NamedLocal(), object()])
+def test_pool_spawn_and_run_sync_refuse_what_is_no_backend(backend: object) -> None:
+    with pytest.raises(TypeError, match="backend must be"):
+        aioshm.Pool(1, backend=backend)
+    with pytest.raises(TypeError, match="backend must be"):
+        aioshm.spawn(len, (), 1, backend=backend)
+    with pytest.raises(TypeError, match="backend must be"):
+        aioshm.start_processes(len, (), 1, backend=backend)
+    coro = aioshm.run_sync(len, "ab", backend=backend)
+    with pytest.raises(TypeError, match="backend must be"):
+        coro.send(None)  # it raises before its first await
+
+
+def test_the_local_backend_builds_an_aioshm_pool() -> None:
+    pool = aioshm.Pool(1, backend=aioshm.local_backend)
+    try:
+        assert isinstance(pool, aioshm.Pool)
+        assert pool.apply(len, ("abc",)) == 3
+    finally:
+        pool.close()
+        pool.join()

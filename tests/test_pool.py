@@ -349,6 +349,24 @@ class TestBlockingAPI:
         assert worker_pids(pool) == before
         assert pool.statistics().workers_replaced == 0
 
+    def test_task_outcomes_are_the_child_runners_reports(self, shared_pool: aioshm.Pool) -> None:
+        """A pool task ends like a Process child (one runner, one rebuilder): a task that
+        raises KeyboardInterrupt fails alone as ProcessRaisedException naming it and chained
+        to it, and its worker lives on (the old worker died of it)."""
+        pool = shared_pool
+        before = worker_pids(pool)
+        with pytest.raises(ProcessRaisedException, match="raised KeyboardInterrupt") as info:
+            pool.apply(targets.raise_keyboard_interrupt)
+        assert info.value.exc_type_name == "KeyboardInterrupt"
+        assert "raise_keyboard_interrupt" in info.value.remote_traceback
+        original = info.value.__cause__
+        assert isinstance(original, KeyboardInterrupt)
+        assert isinstance(original.__cause__, RemoteTraceback)
+        assert str(original.__cause__).count("raise_keyboard_interrupt") == 1  # printed once
+        assert pool.apply(targets.square, (5,)) == 25
+        assert worker_pids(pool) == before
+        assert pool.statistics().workers_replaced == 0
+
 
 @pytest.mark.timeout(60)
 def test_with_pool_terminates(fifos: Callable[[], Fifo]) -> None:

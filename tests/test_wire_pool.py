@@ -1,5 +1,7 @@
 """Pool records (``aioshm._wire._pool``): valid records decode to typed values; anything else
-raises ``ProtocolError`` and nothing else (fuzzed), in the worker and in the parent."""
+raises ``ProtocolError`` and nothing else (fuzzed), in the worker and in the parent. A task's
+outcome is the shared outcome report (``test_wire_report.py``); only ``init-failed`` is the
+pool's own."""
 
 from __future__ import annotations
 
@@ -11,7 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aioshm import ProtocolError
-from aioshm._wire._pool import Result, Task, decode_result, decode_task, encode_result
+from aioshm._process import raised_report
+from aioshm._wire._pool import Task, decode_init_failed, decode_task, init_failed_record
+from aioshm._wire._report import Raised, Returned, decode_report, encode_report
 
 ATOMS = st.one_of(
     st.none(),
@@ -39,19 +43,25 @@ def test_valid_records_round_trip() -> None:
     assert decode_task(None) is None
     task = decode_task((7, len, ([1, 2],), {}))
     assert task == Task(7, len, ([1, 2],), {})
-    ok = Result("ok", 3, [1])
-    assert decode_result(encode_result(ok)) == ok
-    raised = Result("raised", 3, ValueError("no"), "ValueError", "Traceback...")
-    got = decode_result(pickle.loads(pickle.dumps(encode_result(raised))))
-    assert (got.tag, got.job_id, got.type_name, got.traceback) == (
-        "raised",
-        3,
-        "ValueError",
-        "Traceback...",
+    ok = Returned([1], 3)
+    assert decode_report(encode_report(ok)) == ok
+    raised = raised_report(ValueError("no"), 3)
+    got = decode_report(pickle.loads(pickle.dumps(encode_report(raised))))
+    assert isinstance(got, Raised)
+    assert (got.key, got.type_name, got.traceback) == (3, "ValueError", raised.traceback)
+    assert type(got.exception) is ValueError and got.exception.args == ("no",)
+    # a task the worker could not unpickle: a raised report without a job id
+    assert decode_report(("raised", None, None, "AttributeError", "tb")) == Raised(
+        "AttributeError", "tb"
     )
-    assert type(got.value) is ValueError and got.value.args == ("no",)
-    assert decode_result(("bad-task", None, None, "AttributeError", "tb")).tag == "bad-task"
-    assert decode_result(("init-failed", None, None, "RuntimeError", "tb")).job_id is None
+    init = init_failed_record(encode_report(raised_report(RuntimeError("init"))))
+    assert init[0] == "init-failed"
+    failed = decode_init_failed(pickle.loads(pickle.dumps(init)))
+    assert failed is not None and failed.type_name == "RuntimeError" and failed.key is None
+    assert isinstance(failed.exception, RuntimeError)
+    # an outcome report is no init-failed record
+    assert decode_init_failed(encode_report(ok)) is None
+    assert decode_init_failed(encode_report(raised)) is None
 
 
 @pytest.mark.parametrize(
@@ -73,23 +83,17 @@ def test_bad_tasks_are_protocol_errors(msg: Any) -> None:
 @pytest.mark.parametrize(
     "msg",
     [
-        (),
-        ("ok", 1),
-        ("ok", "1", 2),
-        ("raised", None, None, "E", "tb"),  # a task's failure names its job
-        ("bad-task", 3, None, "E", "tb"),  # ... and a bad task none
-        ("raised", 1, "not an exception", "E", "tb"),
-        ("raised", 1, None, "", "tb"),
-        ("raised", 1, None, "E" * 5000, "tb"),
-        ("raised", 1, None, "E", b"tb"),
-        ("done", 1, 2),
-        (None, 1, 2),
-        ["ok", 1, 2],
+        ("init-failed", 3, None, "E", "tb"),  # the initializer's failure names no job
+        ("init-failed", None, "not an exception", "E", "tb"),
+        ("init-failed", None, None, "", "tb"),
+        ("init-failed", None, None, "E" * 5000, "tb"),
+        ("init-failed", None, None, "E", b"tb"),
+        ("init-failed", None, None, "E"),
     ],
 )
-def test_bad_results_are_protocol_errors(msg: Any) -> None:
+def test_bad_init_failed_records_are_protocol_errors(msg: Any) -> None:
     with pytest.raises(ProtocolError):
-        decode_result(msg)
+        decode_init_failed(msg)
 
 
 @settings(max_examples=500, deadline=None)
@@ -104,26 +108,33 @@ def test_fuzzed_task_records(msg: Any) -> None:
 
 @settings(max_examples=500, deadline=None)
 @given(ANY)
-def test_fuzzed_result_records(msg: Any) -> None:
+def test_fuzzed_worker_records(msg: Any) -> None:
+    """What a worker sends is an outcome report or an init-failed record, or ProtocolError."""
     try:
-        result = decode_result(msg)
+        init = decode_init_failed(msg)
     except ProtocolError:
         return
-    assert result.tag in {"ok", "raised", "bad-task", "init-failed"}
-    assert isinstance(result, Result)
+    if init is not None:
+        assert isinstance(init, Raised) and init.key is None
+        return
+    try:
+        report = decode_report(msg)
+    except ProtocolError:
+        return
+    assert isinstance(report, Returned | Raised)
+    assert report.key is None or type(report.key) is int
 
 
 @settings(max_examples=300, deadline=None)
 @given(
-    st.sampled_from(["ok", "raised", "bad-task", "init-failed"]),
     st.one_of(st.none(), st.integers()),
     ANY,
     st.text(max_size=20),
     st.text(max_size=20),
 )
-def test_fuzzed_result_fields(tag: str, job_id: Any, value: Any, name: str, tb: str) -> None:
-    msg = ("ok", job_id, value) if tag == "ok" else (tag, job_id, value, name, tb)
+def test_fuzzed_init_failed_fields(key: Any, value: Any, name: str, tb: str) -> None:
     try:
-        decode_result(msg)
+        init = decode_init_failed(("init-failed", key, value, name, tb))
     except ProtocolError:
-        pass
+        return
+    assert init is not None and init.type_name == name and init.traceback == tb

@@ -16,6 +16,11 @@ How it works::
                                      ▼
     AsyncResult ◄── _step(): read results, reap dead workers, replace them, dispatch
 
+The books (which job is pending, in flight on which worker, ended) and every decision (which
+worker gets the next batch and how many, whom a death blames, which workers to stop, start or
+retire) are the sans-IO :class:`~aioshm._pool._scheduler.Scheduler`'s: the pool tells it what
+happened and applies what it answers.
+
 ``_step()`` never blocks. Whoever waits drives it: a blocking call (``get``, ``wait``, ``map``,
 ``join``…) polls the workers' fds in its own thread. On asyncio, a task awaiting a result
 parks on a future while the event loop itself watches one epoll fd covering every result
@@ -52,35 +57,29 @@ import anyio
 import anyio.lowlevel
 
 from .. import _procutil, _reduction
+from .._backend import resolve
 from .._connection import RecordChannel, record_pair
 from .._context import DEFAULT_START_METHOD
 from .._exceptions import (
     BrokenPool,
     PoolClosed,
     ProcessExitedException,
-    ProcessRaisedException,
     ProtocolError,
-    RemoteTraceback,
     TaskCancelled,
     signal_name_of,
 )
+from .._process import Lost, rebuild_failure, report_of
 from .._shm import _segment
 from .._transport._proc import stop_async
 from .._transport._waits import (
     LoopWatch,
     MultiWait,
 )
-from .._wire._pool import SWEEP, decode_result
+from .._wire._pool import SWEEP, decode_init_failed
+from .._wire._report import Report, Returned
 from ._drivers import PoolDrivers, _Waiter
 from ._results import AsyncResult, PoolStatistics
-from ._scheduler import (
-    DEPTH,
-    SendAhead,
-    StartupRule,
-    batch_limit,
-    blame_and_requeue,
-    pick_worker,
-)
+from ._scheduler import DEPTH, JobState, Scheduler, WorkerState
 from ._worker import TaskCounter, worker_main
 
 if TYPE_CHECKING:
@@ -104,19 +103,8 @@ _job_ids = itertools.count()
 # --------------------------------------------------------------------------- workers and jobs
 
 
-class _Job:
-    __slots__ = (
-        "abandoned",
-        "args",
-        "cancellable",
-        "fn",
-        "id",
-        "index",
-        "kwds",
-        "result",
-        "sent_at",
-        "worker",
-    )
+class _Job(JobState):
+    __slots__ = ("args", "fn", "index", "kwds", "result")
 
     def __init__(
         self,
@@ -127,32 +115,24 @@ class _Job:
         index: int | None,
         cancellable: bool,
     ) -> None:
-        self.id = next(_job_ids)
+        super().__init__(next(_job_ids), cancellable)
         self.fn, self.args, self.kwds = fn, args, kwds
         self.result = result
         self.index = index
-        self.cancellable = cancellable
-        self.abandoned = False  # its awaiter was cancelled (cancellable jobs only)
-        self.worker: _Worker | None = None
-        self.sent_at = 0.0
 
 
-class _Worker:
+class _Worker(WorkerState):
     __slots__ = (
-        "budget",
-        "eof",
-        "finished",
-        "idle_since",
-        "inflight",
         "init_error",
         "proc",
         "results",
         "results_fd",
         "sentinel",
-        "stopping",
         "taken",
         "tasks",
     )
+
+    inflight: collections.deque[_Job]  # type: ignore[assignment]
 
     def __init__(
         self,
@@ -162,18 +142,13 @@ class _Worker:
         taken: TaskCounter,
         budget: int | None,
     ):
+        super().__init__(budget, time.monotonic())
         self.proc = proc
         self.sentinel: int = proc.sentinel
         self.tasks = tasks
         self.results = results
         self.results_fd = results.fileno()
         self.taken = taken  # task records the worker took off its channel (shared page)
-        self.finished = 0  # results (or reports) received from it
-        self.inflight: collections.deque[_Job] = collections.deque()
-        self.budget = budget  # tasks it may still be sent (maxtasksperchild)
-        self.idle_since = time.monotonic()
-        self.eof = False  # its result channel reached EOF: it is exiting
-        self.stopping = False  # being terminated by a cancelled await
         self.init_error: tuple[BaseException, str] | None = None  # its initializer raised
 
     def close_channels(self) -> None:
@@ -219,10 +194,11 @@ class Pool(PoolDrivers):
         backend: Backend,
     ) -> PoolAPI: ...
     def __new__(cls, *args: Any, backend: Any = None, **kwargs: Any) -> Any:
-        if backend is not None and getattr(backend, "name", "local") != "local":
+        engine = resolve(backend)  # once: TypeError for what is no backend
+        if engine is not None:
             kwargs.pop("context", None)
             kwargs.pop("_lazy", None)
-            return backend.Pool(*args, **kwargs)  # another engine's pool, same face
+            return engine.Pool(*args, **kwargs)  # another engine's pool, same face
         return super().__new__(cls)
 
     def __init__(
@@ -253,18 +229,17 @@ class Pool(PoolDrivers):
         self._initializer = initializer
         self._initargs = tuple(initargs)
         self._maxtasks = maxtasksperchild
-        self._workers: list[_Worker] = []
-        self._pending: collections.deque[_Job] = collections.deque()
-        self._jobs: dict[int, _Job] = {}
-        self._state = "RUN"
+        # the jobs and workers: Pool does the I/O, the scheduler keeps the books and decides
+        self._sched: Scheduler[_Job, _Worker] = Scheduler(maxtasksperchild)
+        self._workers: list[_Worker] = self._sched.workers
+        self._pending: collections.deque[_Job] = self._sched.pending
+        self._jobs: dict[int, _Job] = self._sched.jobs
         self._mutex = threading.RLock()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._generation = 0
-        self._ahead = SendAhead()  # tasks in flight per worker
-        self._tasks_done = 0
-        self._replaced = 0
+        self._ahead = self._sched.ahead  # tasks in flight per worker
         self._woken = False  # a byte is in the wake-up pipe
         self._parked = 0  # drivers waiting on the pool's fds (they need a wake-up on changes)
         self._driving = False  # an awaiting task drives the pool
@@ -278,15 +253,20 @@ class Pool(PoolDrivers):
         self._watch_idle = 0  # its callbacks since the last such task left
         self._waiter_key: tuple[int, list[tuple[int, int]]] | None = None
         self._lazy = _lazy  # run_sync's pool starts workers on demand
-        self._startup = StartupRule()  # workers dead at start-up since one got through it
+        self._startup = self._sched.startup  # workers dead at start-up in a row
         self._broken: tuple[str, BaseException, str] | None = None  # (why, cause, traceback)
         self._guard: Any = None
         _pools.add(self)
         try:
-            self._repopulate()
+            self._start_workers()
         except BaseException:
             self._kill_all()
             raise
+
+    @property
+    def _state(self) -> str:  # type: ignore[override]
+        """ "RUN", then "CLOSE" or "TERMINATE" (the scheduler's)."""
+        return self._sched.state
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} state={self._state} pool_size={self._processes}>"
@@ -315,19 +295,18 @@ class Pool(PoolDrivers):
             _reduction.release_spawn_fds(getattr(proc, "_popen", None))
         task_r.close()
         res_w.close()
-        self._workers.append(_Worker(proc, task_w, res_r, taken, self._maxtasks))
+        self._sched.worker_started(_Worker(proc, task_w, res_r, taken, self._maxtasks))
         self._generation += 1
         if self._parked:
             self._wake()  # who waits on the pool's fds must watch this worker's too
 
-    def _repopulate(self) -> None:
-        if self._state != "RUN" or self._lazy or self._broken is not None:
-            return
-        while len(self._workers) < self._processes:
+    def _start_workers(self) -> None:
+        """Start the workers the scheduler asks for (replacements; a lazy pool's on demand)."""
+        for _ in range(self._sched.workers_to_start(self._processes, self._lazy)):
             self._start_worker()
 
     def _remove_worker(self, worker: _Worker) -> None:
-        self._workers.remove(worker)
+        self._sched.worker_removed(worker)
         worker.close_channels()
         self._generation += 1
         if self._parked:
@@ -345,26 +324,19 @@ class Pool(PoolDrivers):
     ) -> None:
         job = _Job(fn, args, kwds, result, index, cancellable)
         with self._mutex:
-            if self._broken is not None:  # e.g. an imap's next chunk
+            if not self._sched.submitted(job):  # broken (e.g. an imap's next chunk)
                 result._finish(None, self._broken_error())
                 return
-            self._jobs[job.id] = job
             result._jobs.add(job)
-            self._pending.append(job)
             generation = self._generation
             if self._lazy:
-                self._grow()  # starts workers on demand
+                self._start_workers()  # on demand
             self._dispatch()
             if self._parked and (self._pending or self._generation != generation):
                 self._wake()  # the driver must watch other fds now
 
     def _forget(self, job: _Job) -> None:
-        self._jobs.pop(job.id, None)
-        if job.worker is None:
-            try:
-                self._pending.remove(job)
-            except ValueError:
-                pass
+        self._sched.forget(job)
 
     # -- the pump -----------------------------------------------------------------------------
     def _step(self, ready: set[int] | None = None) -> None:
@@ -373,10 +345,10 @@ class Pool(PoolDrivers):
         ``ready``: the fds a wait found ready (only those are read); None reads everything.
         """
         with self._mutex:
-            done_before = self._tasks_done
+            done_before = self._sched.done
             self._step_locked(ready)
             if (
-                self._tasks_done != done_before
+                self._sched.done != done_before
                 and self._driving
                 and self._driver_thread != threading.get_ident()
             ):
@@ -402,25 +374,12 @@ class Pool(PoolDrivers):
                     not worker.proc.is_alive()
                 ):
                     self._worker_died(worker)
-        if self._state == "RUN":
-            if self._lazy:
-                self._grow()
-            elif len(self._workers) < self._processes:
-                self._repopulate()
+        if len(self._workers) < self._processes:
+            self._start_workers()
         self._dispatch()
-        if self._state == "CLOSE" and not self._pending:
-            for worker in list(self._workers):
-                if not worker.inflight and not worker.tasks.closed:
-                    self._send_exit(worker)
-
-    def _grow(self) -> None:
-        """A lazy pool (run_sync's) starts a worker for each task no idle worker can take."""
-        if self._state != "RUN" or self._broken is not None:
-            return
-        busy = sum(1 for w in self._workers if w.inflight)
-        want = min(self._processes, busy + len(self._pending))
-        while len(self._workers) < want:
-            self._start_worker()
+        for worker in self._sched.idle_to_exit():
+            if not worker.tasks.closed:
+                self._send_exit(worker)
 
     def _read_results(self, worker: _Worker) -> None:
         results = worker.results
@@ -429,50 +388,46 @@ class Pool(PoolDrivers):
                 got = results.try_recv_record()
             except EOFError:
                 if not worker.eof:
-                    worker.eof = True
+                    self._sched.worker_exiting(worker)
                     self._generation += 1  # stop watching its result channel
                 return
             if got is None:
                 return
+            report: Report | Lost
             try:
-                msg = decode_result(worker.results.decode(*got))
-            except Exception as exc:  # unpicklable here, or no valid record (ProtocolError)
-                msg, bad = None, exc
-            if msg is not None and msg.tag == "init-failed":  # no task's result: it exits now
-                error = _remote_error(msg.value, msg.type_name, msg.traceback)
-                worker.init_error = (error, msg.traceback)
-                continue
-            worker.finished += 1
-            if self._startup.deaths:
-                self._startup.got_through()
-            job = worker.inflight.popleft() if worker.inflight else None
-            now = time.monotonic()
-            if job is not None:
-                # it ran from when it was sent, or from the previous result if it was queued
-                self._ahead.took(now - max(job.sent_at, worker.idle_since))
-            worker.idle_since = now
-            if msg is None:
-                if job is not None:
-                    self._complete(job, None, bad)
+                msg = results.decode(*got)
+            except Exception as exc:  # it cannot be unpickled here
+                report = Lost(exc)
             else:
-                if job is not None:
-                    if msg.job_id is not None and msg.job_id != job.id:
-                        why = f"a pool worker answered job {msg.job_id} for job {job.id}"
-                        self._complete(job, None, ProtocolError(why))
-                    elif msg.tag == "ok":
-                        self._complete(job, msg.value, None)
-                    else:
-                        error = _remote_error(msg.value, msg.type_name, msg.traceback)
-                        self._complete(job, None, error)
-            if worker.inflight and worker.inflight[0].abandoned and not worker.stopping:
-                # the next task it runs was cancelled by its awaiter: stop the worker
-                worker.stopping = True
+                report = report_of(msg)
+                if type(report) is Lost and self._init_failed(worker, msg):
+                    continue  # no task's outcome: the worker exits now
+            job, stop = self._sched.result(worker, time.monotonic())
+            if job is not None:
+                if type(report) is Returned and report.key == job.id:
+                    self._complete(job, report.value, None)
+                else:
+                    self._complete(job, None, _task_failure(report, job, worker))
+            if stop:  # the next task it runs was cancelled by its awaiter
                 worker.proc.terminate()
 
+    def _init_failed(self, worker: _Worker, msg: object) -> bool:
+        """Whether ``msg``, no outcome report, is the worker's ``init-failed`` record (then
+        the initializer's error is kept for the broken-pool rule)."""
+        try:
+            init = decode_init_failed(msg)
+        except ProtocolError:
+            return False
+        if init is None:
+            return False
+        pid = worker.proc.pid or -1
+        error = rebuild_failure(init, None, who="the pool's initializer", pid=pid)
+        assert error is not None  # a raised report always makes one
+        worker.init_error = (error, init.traceback)
+        return True
+
     def _complete(self, job: _Job, value: Any, error: BaseException | None) -> None:
-        self._tasks_done += 1
-        self._jobs.pop(job.id, None)
-        job.worker = None
+        self._sched.ended(job)
         job.fn = job.args = job.kwds = None  # type: ignore[assignment]
         job.result._job_done(job, value, error)
 
@@ -480,23 +435,21 @@ class Pool(PoolDrivers):
         self._read_results(worker)  # what it sent before dying is still there
         worker.proc.join()  # not alive any more: returns at once
         exitcode = worker.proc.exitcode
-        startup_death = (
-            not worker.taken.started
-            and self._state == "RUN"
-            and not worker.stopping
-            and self._broken is None
+        death = self._sched.worker_died(
+            worker,
+            worker.taken.value,
+            worker.taken.started,
+            exitcode,
         )
-        if worker.taken.started:
-            self._startup.got_through()
-        breaking = startup_death and self._startup.died_at_startup()
-        if startup_death or (
+        breaking = death.breaks
+        if death.at_startup or (
             exitcode not in (0, None) and self._state == "RUN" and not worker.stopping
         ):
             log.warning(
                 "pool worker %s (pid %s) died%s with %s%s",
                 worker.proc.name,
                 worker.proc.pid,
-                " at start-up" if startup_death else "",
+                " at start-up" if death.at_startup else "",
                 _exit_text(exitcode),
                 "" if breaking or self._broken is not None else "; replacing it",
             )
@@ -504,19 +457,7 @@ class Pool(PoolDrivers):
             log.info(
                 "pool worker %s (pid %s) stopped; replacing it", worker.proc.name, worker.proc.pid
             )
-        running, requeued, dropped = blame_and_requeue(
-            worker.inflight,
-            worker.taken.value,
-            worker.finished,
-            self._pending,
-            lambda job: job.abandoned,  # cancelled ones are dropped
-        )
-        for job in requeued:  # they never started: sent elsewhere
-            job.worker = None
-        for job in dropped:
-            job.worker = None
-            self._jobs.pop(job.id, None)
-        if running is not None:  # it died running its oldest task
+        if death.blamed is not None:  # it died running its oldest task
             name = signal_name_of(exitcode) if exitcode is not None else None
             what = f"signal {name}" if name else f"exit code {exitcode}"
             error = ProcessExitedException(
@@ -527,10 +468,7 @@ class Pool(PoolDrivers):
                 exitcode if exitcode is not None else -1,
                 name,
             )
-            self._complete(running, None, error)
-            self._replaced += 1
-        elif exitcode not in (0, None) and self._state == "RUN":
-            self._replaced += 1
+            self._complete(death.blamed, None, error)
         self._remove_worker(worker)
         _close_popen(worker.proc)
         if breaking:
@@ -564,10 +502,11 @@ class Pool(PoolDrivers):
             )
         self._broken = (f"the pool is broken: {why}", cause, tb_text)
         log.error("%s; it starts no more workers and fails every task", self._broken[0])
-        self._fail_all("", self._broken_error)
-        for other in self._workers:
-            if not other.stopping and other.proc.is_alive():
-                other.stopping = True
+        jobs, stop = self._sched.break_pool()
+        for job in jobs:
+            self._complete(job, None, self._broken_error())
+        for other in stop:
+            if other.proc.is_alive():
                 other.proc.terminate()
 
     def _broken_error(self) -> BrokenPool | None:
@@ -583,25 +522,14 @@ class Pool(PoolDrivers):
         pending = self._pending
         if not pending:
             return
-        depth = self._ahead.depth
-        ready = [
-            w
-            for w in self._workers
-            if len(w.inflight) < depth
-            and w.budget != 0
-            and not w.eof
-            and not w.stopping
-            and not w.tasks.closed
-        ]
+        sched = self._sched
+        ready = [w for w in sched.ready() if not w.tasks.closed]
         while pending and ready:
-            worker = ready[pick_worker([len(w.inflight) for w in ready])]
-            limit = batch_limit(
-                len(worker.inflight), depth, worker.budget, len(pending), len(ready)
-            )
+            worker, limit = sched.dispatch_plan(ready)
             if not self._send_batch(worker, limit):
                 ready.remove(worker)  # its channel is full
                 continue
-            if len(worker.inflight) >= depth or worker.budget == 0:
+            if sched.full(worker):
                 ready.remove(worker)
 
     def _send_batch(self, worker: _Worker, limit: int) -> bool:
@@ -615,12 +543,13 @@ class Pool(PoolDrivers):
         record: Any = None
         fds: list[int] = []
         owned: list[bool] = []
-        while pending and len(jobs) < limit and size < BATCH_BYTES:
-            job = pending[0]
+        # the batch is the front of the pending queue: the scheduler takes it off when sent
+        while len(jobs) < min(limit, len(pending)) and size < BATCH_BYTES:
+            job = pending[len(jobs)]
             try:
                 data, fds, owned = worker.tasks.encode((job.id, job.fn, job.args, job.kwds))
             except Exception as exc:  # the task cannot be pickled: it fails alone
-                pending.popleft()
+                self._sched.forget(job)
                 self._complete(job, None, exc)
                 continue
             if fds or len(data) > BATCH_BYTES:
@@ -629,7 +558,6 @@ class Pool(PoolDrivers):
                     fds, owned = [], []
                     break
                 record = data
-            pending.popleft()
             jobs.append(job)
             payloads.append(data)
             size += len(data)
@@ -649,15 +577,8 @@ class Pool(PoolDrivers):
         finally:
             _reduction.close_owned(fds, owned)
         if not sent:
-            pending.extendleft(reversed(jobs))
-            return False
-        now = time.monotonic()
-        for job in jobs:
-            job.worker = worker
-            job.sent_at = now
-            worker.inflight.append(job)
-        if worker.budget is not None:
-            worker.budget -= len(jobs)
+            return False  # they stay pending
+        self._sched.sent(worker, jobs, time.monotonic())
         return True
 
     def _send_exit(self, worker: _Worker) -> None:
@@ -673,13 +594,7 @@ class Pool(PoolDrivers):
             if not worker.results.closed and not worker.eof:
                 fds.append((worker.results.fileno(), _IN))
             fds.append((worker.sentinel, _IN))
-            if (
-                self._pending
-                and not worker.tasks.closed
-                and len(worker.inflight) < self._ahead.depth
-                and worker.budget != 0
-                and not worker.stopping
-            ):
+            if self._pending and not worker.tasks.closed and self._sched.can_take(worker):
                 fds.append((worker.tasks.fileno(), _OUT))
         return fds
 
@@ -706,20 +621,9 @@ class Pool(PoolDrivers):
         """Give up ``result``'s jobs (under the mutex): drop the unsent ones, mark the sent
         cancellable ones abandoned and mark for stopping the workers running one of them.
         Returns ``(workers to stop, some job was cancelled, some job was dropped)``."""
-        stop: list[_Worker] = []
-        cancelled = dropped = False
-        for job in list(result._jobs):
-            worker = job.worker
-            if worker is None:
-                self._forget(job)
-                result._jobs.discard(job)
-                dropped = True
-            elif job.cancellable:
-                job.abandoned = cancelled = True
-                if worker.inflight and worker.inflight[0] is job and not worker.stopping:
-                    worker.stopping = True
-                    stop.append(worker)
-        return stop, cancelled, dropped
+        gone, stop, cancelled = self._sched.cancel(list(result._jobs))
+        result._jobs.difference_update(gone)
+        return stop, cancelled, bool(gone)
 
     async def _abandon(self, result: AsyncResult) -> None:
         """The awaiting task was cancelled before ``result`` was ready.
@@ -752,16 +656,14 @@ class Pool(PoolDrivers):
     def close(self) -> None:
         """Accept no more work; workers exit once the submitted work is done."""
         with self._mutex:
-            if self._state == "RUN":
-                self._state = "CLOSE"
+            self._sched.close()
             self._step()
         self._wake()
 
     def terminate(self) -> None:
         """Stop the workers now; pending and running tasks fail with ``PoolClosed``."""
         with self._mutex:
-            self._state = "TERMINATE"
-            self._fail_all("the pool was terminated")
+            self._fail_all(self._sched.terminate(), "the pool was terminated")
             for worker in self._workers:
                 if worker.proc.is_alive():
                     worker.proc.terminate()
@@ -786,8 +688,7 @@ class Pool(PoolDrivers):
     async def terminate_async(self) -> None:
         """Awaitable :meth:`terminate` (terminate, grace period, kill, reap)."""
         with self._mutex:
-            self._state = "TERMINATE"
-            self._fail_all("the pool was terminated")
+            self._fail_all(self._sched.terminate(), "the pool was terminated")
             procs = [w.proc for w in self._workers]
         with anyio.CancelScope(shield=True):
             await stop_async(procs, GRACE_PERIOD)
@@ -796,19 +697,14 @@ class Pool(PoolDrivers):
                 self._worker_died(worker)
         self._release()
 
-    def _fail_all(self, why: str, make_error: Callable[[], Any] | None = None) -> None:
-        jobs = list(self._jobs.values())
-        self._pending.clear()
-        for worker in self._workers:
-            worker.inflight.clear()
+    def _fail_all(self, jobs: list[_Job], why: str) -> None:
+        """Fail ``jobs`` (the scheduler's :meth:`~Scheduler.terminate`) with ``PoolClosed``."""
         for job in jobs:
-            error = make_error() if make_error else PoolClosed(f"{why} before this task finished")
-            self._complete(job, None, error)
+            self._complete(job, None, PoolClosed(f"{why} before this task finished"))
 
     def _shutdown_now(self) -> None:
         with self._mutex:
-            self._state = "TERMINATE"
-            self._fail_all("the event loop ended")
+            self._fail_all(self._sched.terminate(), "the event loop ended")
         self._kill_all()
 
     def _kill_all(self) -> None:
@@ -840,8 +736,8 @@ class Pool(PoolDrivers):
                 busy_workers=busy,
                 tasks_pending=len(self._pending),
                 tasks_running=busy,
-                tasks_done=self._tasks_done,
-                workers_replaced=self._replaced,
+                tasks_done=self._sched.done,
+                workers_replaced=self._sched.replaced,
                 live_segments=len(segs),
                 live_segment_bytes=sum(s.size for s in segs),
             )
@@ -899,12 +795,16 @@ def _exit_text(exitcode: int | None) -> str:
     return f"signal {name}" if name else f"exit code {exitcode}"
 
 
-def _remote_error(original: Any, type_name: str, tb_text: str) -> BaseException:
-    if isinstance(original, Exception):
-        original.__cause__ = RemoteTraceback(str(tb_text))
-        return original
-    error = ProcessRaisedException(
-        f"a pool task raised {type_name}:\n{tb_text}", 0, -1, str(type_name), str(tb_text)
-    )
-    error.__cause__ = RemoteTraceback(str(tb_text))
+def _task_failure(report: Report | Lost, job: _Job, worker: _Worker) -> BaseException:
+    """The error of a task whose report is no value for it (see
+    :func:`~aioshm._process.rebuild_failure`): a raised one (keyed with its job id, or None
+    when the worker could not unpickle the task), a lost one, or one for another job."""
+    if not isinstance(report, Lost) and report.key is not None and report.key != job.id:
+        why = f"a pool worker answered job {report.key} for job {job.id}"
+        report = Lost(ProtocolError(why))
+    elif type(report) is Returned:  # the value of a task it could not unpickle?
+        report = Lost(ProtocolError(f"a pool worker answered job {job.id} without its id"))
+    pid = worker.proc.pid or -1
+    error = rebuild_failure(report, None, who=f"a pool task (worker pid {pid})", pid=pid)
+    assert error is not None  # a raised or lost report always makes one
     return error

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, TypeVar, TypeVarTuple
 import anyio
 import anyio.lowlevel
 
+from .._backend import resolve
 from ._pool import WORKER_MAX_IDLE_TIME, Pool
 
 if TYPE_CHECKING:
@@ -96,8 +97,9 @@ async def run_sync(  # type: ignore[return]  # (a CancelScope could swallow, myp
     finishes; with ``True``, cancelling kills the worker running it. ``backend`` runs the
     call elsewhere (e.g. an :class:`aioshm.RayBackend`).
     """
-    if backend is not None and getattr(backend, "name", "local") != "local":
-        return await backend.run_sync(func, *args, cancellable=cancellable, limiter=limiter)  # type: ignore[no-any-return]
+    engine = resolve(backend)
+    if engine is not None:
+        return await engine.run_sync(func, *args, cancellable=cancellable, limiter=limiter)  # type: ignore[no-any-return]
     pool = current_default_pool()
     _retire_idle(pool)
     async with limiter or current_default_limiter():
@@ -109,8 +111,7 @@ async def run_sync(  # type: ignore[return]  # (a CancelScope could swallow, myp
 
 
 def _retire_idle(pool: Pool) -> None:
-    now = time.monotonic()
+    cutoff = time.monotonic() - WORKER_MAX_IDLE_TIME
     with pool._mutex:
-        for worker in list(pool._workers):
-            if not worker.inflight and now - worker.idle_since > WORKER_MAX_IDLE_TIME:
-                pool._send_exit(worker)
+        for worker in pool._sched.idle_since_before(cutoff):
+            pool._send_exit(worker)

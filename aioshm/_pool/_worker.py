@@ -6,11 +6,13 @@ Protocol, one record per message on two SOCK_SEQPACKET channels of its own:
   of such pickles (one record, one syscall each way, for many tiny tasks), or ``None`` to
   exit, or the raw record :data:`SWEEP` (not a task: "a segment you retain may have lost its
   last other holder");
-* worker → parent: ``("ok", job_id, value)`` or ``("raised", job_id, exc_or_None, type_name,
-  traceback_text)``; ``("bad-task", None, None, type_name, traceback_text)`` when a task could
-  not even be unpickled (the parent knows which job it sent); ``("init-failed", None,
+* worker → parent: each task's outcome report, sent by the one child runner of Process
+  children and spawn ranks (:func:`~aioshm._process.run_target`,
+  :func:`~aioshm._process.send_report`) with the job id as key: ``("ok", job_id, value)`` or
+  ``("raised", job_id, exc_or_None, type_name, traceback_text)``, the key None when a task
+  could not even be unpickled (the parent knows which job it sent); ``("init-failed", None,
   exc_or_None, type_name, traceback_text)`` when the ``initializer`` raised (then it exits
-  with code 1, printing nothing).
+  with code 1, printing nothing). See Note [Pool records] in :mod:`aioshm._wire._pool`.
 
 The counter page's third word is set once the worker reached its task loop: a worker that
 dies without it died at start-up (see the pool's broken-pool rule).
@@ -44,8 +46,10 @@ from typing import Any
 from .. import _procutil, _reduction
 from .._connection import RecordChannel, anon_fd
 from .._exceptions import ProtocolError
+from .._process import raised_report, run_target, send_report
 from .._shm import _segment
-from .._wire._pool import SWEEP, decode_task
+from .._wire._pool import SWEEP, decode_task, init_failed_record
+from .._wire._report import Report
 
 __all__ = ("TaskCounter", "worker_main")
 
@@ -104,19 +108,8 @@ def _rebuild_counter(ref: object) -> TaskCounter:
     return TaskCounter(take_fd(ref))
 
 
-def _send_raised(
-    results: RecordChannel, job_id: Any, exc: BaseException, tag: str = "raised"
-) -> None:
-    import traceback
-
-    from .._spawn import _round_trips, _type_name
-
-    tb_text = "".join(traceback.format_exception(exc))
-    payload = exc if _round_trips(exc) else None
-    try:
-        results.send((tag, job_id, payload, _type_name(type(exc)), tb_text))
-    except Exception:
-        results.send((tag, job_id, None, _type_name(type(exc)), tb_text))
+#: What an unpicklable return value is called in the error that reports it.
+_WHAT = "the result of a pool task"
 
 
 def worker_main(
@@ -135,7 +128,8 @@ def worker_main(
         try:
             initializer(*initargs)
         except BaseException as exc:  # reported once to the parent, not printed here
-            _send_raised(results, None, exc, "init-failed")
+            failed = raised_report(exc)
+            send_report(lambda msg: results.send(init_failed_record(msg)), failed, _WHAT)
             raise SystemExit(1) from None
     taken.set_started()  # from here on, a death is no start-up failure
     done = 0
@@ -145,8 +139,8 @@ def worker_main(
             taken.bump()  # from here on, a death is this task's fault
             try:
                 task = decode_task(_reduction.loads(batch.popleft(), []))
-            except Exception as exc:  # the task could not be rebuilt here
-                _send_raised(results, None, exc, "bad-task")
+            except Exception as exc:  # the task could not be rebuilt here: no job id
+                send_report(results.send, raised_report(exc), _WHAT)
                 done += 1
                 continue
         else:
@@ -166,37 +160,17 @@ def worker_main(
                     batch.extend(task)
                     task = _reduction.loads(batch.popleft(), [])
                 task = decode_task(task)
-            except Exception as exc:  # the task could not be rebuilt here
-                _send_raised(results, None, exc, "bad-task")
+            except Exception as exc:  # the task could not be rebuilt here: no job id
+                send_report(results.send, raised_report(exc), _WHAT)
                 done += 1
                 continue
             del record
         if task is None:
             return
-        job_id: Any = task.job_id
-        fn: Any = task.fn
-        args: Any = task.args
-        kwds: Any = task.kwds
-        task = None
-        try:
-            value = fn(*args, **kwds)
-        except Exception as exc:
-            fn = args = kwds = None
-            _send_raised(results, job_id, exc)
-        else:
-            fn = args = kwds = None
-            try:
-                results.send(("ok", job_id, value))
-            except Exception as exc:  # the result could not be pickled
-                import pickle
-
-                err = pickle.PicklingError(
-                    f"the result of a pool task cannot be sent to the parent: a "
-                    f"{type(value).__qualname__} could not be pickled ({exc!r})"
-                )
-                err.__cause__ = exc
-                _send_raised(results, job_id, err)
-            value = None
+        outcome: Report = run_target(task.fn, task.args, task.kwds, task.job_id)
+        task = None  # drop the arguments before sending (the result may be large)
+        send_report(results.send, outcome, _WHAT)
+        del outcome  # nor keep the result while waiting for the next task
         done += 1
         if any(seg.has_views() for seg in _segment.live_segments()):
             gc.collect()  # views kept alive only by cycles: release the segments now

@@ -1,4 +1,4 @@
-"""Pool records: the tasks a pool sends its workers and the results they send back.
+"""Pool records: the tasks a pool sends its workers, and what the workers send back.
 
 Note [Pool records]
 ~~~~~~~~~~~~~~~~~~~
@@ -12,19 +12,20 @@ pickled by the channel (arrays travel as shared-memory handles, fds beside the r
                       None                                     exit
                       SWEEP (raw bytes, not a pickle)          look at your retained segments
 
-    worker → parent   ("ok", job_id, value)                    the task returned value
-                      ("raised", job_id, exc, type_name, tb)   the task raised
-                      ("bad-task", None, exc, type_name, tb)   a task could not be unpickled
+    worker → parent   an outcome report, per task              ("ok", job_id, value) or
+                                                               ("raised", job_id, exc, type_name, tb)
                       ("init-failed", None, exc, type_name, tb)
                                                                the initializer raised; it exits
 
-``exc`` is the exception when it survived a pickle round trip in the worker, else None;
-``type_name`` and ``tb`` (the formatted remote traceback) are always there. The two result
-shapes ``ok``/``raised`` are those of the child outcome reports of Process and spawn.
+A task's outcome is the child outcome report of Process and spawn ranks
+(:mod:`aioshm._wire._report`, Note [Outcome report]) with the job id as its key; a task that
+could not even be unpickled in the worker is a ``raised`` report with the key None (the parent
+knows which job it sent). Only the one record that is no task's outcome is defined here:
+``init-failed``, a ``raised`` report under another tag.
 
-Records come from another process: :func:`decode_task` and :func:`decode_result` check the
-shape and every field's type and raise :class:`~aioshm.ProtocolError` for anything else.
-Pure: no I/O, no processes.
+Records come from another process: :func:`decode_task`, :func:`decode_init_failed` and
+:func:`~aioshm._wire._report.decode_report` check the shape and every field's type and raise
+:class:`~aioshm.ProtocolError` for anything else. Pure: no I/O, no processes.
 """
 
 from __future__ import annotations
@@ -33,26 +34,24 @@ from collections.abc import Callable
 from typing import Any, Final, NamedTuple
 
 from .._exceptions import ProtocolError
+from ._report import Raised, decode_report
 
 __all__ = (
     "EXIT",
-    "RESULT_TAGS",
+    "INIT_FAILED",
     "SWEEP",
-    "Result",
     "Task",
-    "decode_result",
+    "decode_init_failed",
     "decode_task",
-    "encode_result",
+    "init_failed_record",
 )
 
 #: A record that is no pickle (those start with b"\x80"): "sweep your retained segments".
 SWEEP: Final = b"\x00sweep"
 #: The task record that tells a worker to exit.
 EXIT: Final = None
-#: The tags of a result record.
-RESULT_TAGS: Final = frozenset({"ok", "raised", "bad-task", "init-failed"})
-#: Longest ``type_name`` accepted (a dotted qualified name; real ones are far shorter).
-MAX_TYPE_NAME: Final = 1024
+#: The tag of the worker's record "my initializer raised" (no task's outcome).
+INIT_FAILED: Final = "init-failed"
 
 
 class Task(NamedTuple):
@@ -64,19 +63,7 @@ class Task(NamedTuple):
     kwds: dict[str, Any]
 
 
-class Result(NamedTuple):
-    """One result record (see Note [Pool records])."""
-
-    tag: str
-    job_id: int | None
-    value: Any  # the value ("ok") or the exception if it pickled, else None
-    type_name: str = ""
-    traceback: str = ""
-
-
-#: ``Result(...)`` and ``Task(...)`` without NamedTuple's Python-level ``__new__`` (one of
-#: each per task)
-_new_result: Callable[[type[Result], tuple[Any, ...]], Result] = tuple.__new__
+#: ``Task(...)`` without NamedTuple's Python-level ``__new__`` (one per task)
 _new_task: Callable[[type[Task], tuple[Any, ...]], Task] = tuple.__new__
 
 
@@ -103,41 +90,20 @@ def decode_task(msg: object) -> Task | None:
     return Task(job_id, fn, args, kwds)
 
 
-def encode_result(result: Result) -> tuple[Any, ...]:
-    """The tuple that carries ``result`` (short for ``ok``)."""
-    if result.tag == "ok":
-        return ("ok", result.job_id, result.value)
-    return tuple(result)
+def init_failed_record(report: Any) -> tuple[Any, ...]:
+    """The ``init-failed`` record of an encoded ``raised`` report (the initializer's)."""
+    return (INIT_FAILED, *report[1:])
 
 
-def decode_result(msg: object) -> Result:
-    """The result ``msg`` carries; :class:`~aioshm.ProtocolError` if it is not a valid one."""
-    if type(msg) is not tuple or not msg:
-        raise ProtocolError(f"a pool result record is a tuple, not {_shape(msg)}")
-    tag = msg[0]
-    if tag == "ok" and type(tag) is str:
-        if len(msg) != 3:
-            raise ProtocolError(f"an 'ok' pool result has 3 fields, not {len(msg)}")
-        if type(msg[1]) is not int:
-            raise ProtocolError(f"an 'ok' pool result's job id is {type(msg[1]).__name__}")
-        return _new_result(Result, ("ok", msg[1], msg[2], "", ""))  # Result(...), faster
-    if type(tag) is not str or tag not in RESULT_TAGS:
-        raise ProtocolError(f"unknown pool result tag {tag!r}"[:200])
-    if len(msg) != 5:
-        raise ProtocolError(f"a {tag!r} pool result has 5 fields, not {len(msg)}")
-    _, job_id, exc, type_name, tb = msg
-    if tag == "raised":
-        if type(job_id) is not int:
-            raise ProtocolError(f"a 'raised' pool result's job id is {type(job_id).__name__}")
-    elif job_id is not None:
-        raise ProtocolError(f"a {tag!r} pool result names no job")
-    if exc is not None and not isinstance(exc, BaseException):
-        raise ProtocolError(f"a pool result's exception is a {type(exc).__name__}")
-    if type(type_name) is not str or not type_name or len(type_name) > MAX_TYPE_NAME:
-        raise ProtocolError("a pool result's exception type name is not a short str")
-    if type(tb) is not str:
-        raise ProtocolError(f"a pool result's traceback is a {type(tb).__name__}")
-    return Result(tag, job_id, exc, type_name, tb)
+def decode_init_failed(msg: object) -> Raised | None:
+    """The initializer's failure an ``init-failed`` record carries, or None if ``msg`` is no
+    such record; :class:`~aioshm.ProtocolError` if it is one but not a valid one."""
+    if type(msg) is not tuple or not msg or msg[0] != INIT_FAILED or type(msg[0]) is not str:
+        return None
+    report = decode_report(("raised", *msg[1:]))
+    if not isinstance(report, Raised) or report.key is not None:
+        raise ProtocolError("an 'init-failed' pool record names a job")
+    return report
 
 
 def _shape(msg: object) -> str:

@@ -33,7 +33,11 @@ __all__ = ("MAX_TYPE_NAME", "Raised", "Report", "Returned", "decode_report", "en
 MAX_TYPE_NAME: Final = 1024
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: a pool builds one per task on each side, and a frozen dataclass's __init__ costs
+# three times as much. Treat them as immutable all the same.
+
+
+@dataclass(slots=True)
 class Returned:
     """The target returned ``value``."""
 
@@ -41,7 +45,7 @@ class Returned:
     key: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Raised:
     """The target raised: its type name, formatted traceback, and the exception if it pickled."""
 
@@ -75,7 +79,10 @@ def decode_report(msg: object) -> Report:
     if tag == "ok" and type(tag) is str:
         if len(msg) != 3:
             raise ProtocolError(f"'ok' outcome report with {len(msg)} fields, not 3")
-        return Returned(msg[2], _key(msg[1]))
+        key = msg[1]
+        if key is not None and type(key) is not int:  # _key(), inline: once per pool task
+            raise ProtocolError(f"outcome report with a key of type {type(key).__name__}")
+        return Returned(msg[2], key)
     if tag == "raised" and type(tag) is str:
         if len(msg) != 5:
             raise ProtocolError(f"'raised' outcome report with {len(msg)} fields, not 5")
