@@ -38,7 +38,7 @@ from . import _reduction
 from ._connection import anon_fd, record_pair
 from ._connection import poll_until as _poll_until
 from ._connection import wait_any as _wait_any
-from ._exceptions import QueueShutDown
+from ._exceptions import FdLimitError, ProtocolError, QueueShutDown
 from ._shm._segment import HAS_OFD, ofd_lock_byte
 
 __all__ = ("JoinableQueue", "Queue", "SimpleQueue")
@@ -51,6 +51,10 @@ except ImportError:  # pragma: no cover
     _SEM_VALUE_MAX = 2**31 - 1
 
 _PIPE_MAX: Final = 1 << 20
+# outcomes of one attempt to put (Queue._try_put)
+PUT: Final = 0  # the item is on the queue
+NO_SLOT: Final = 1  # the queue holds maxsize items: wait on the token pipe
+NO_ROOM: Final = 2  # the socket buffer is full: wait until the data fd is writable
 _POLLIN: Final = select.POLLIN
 _POLLOUT: Final = select.POLLOUT
 
@@ -76,10 +80,14 @@ def _pipe_size(fd: int) -> int:
 
 # --------------------------------------------------------------------------- shared counts
 
-_HEADER: Final = 8  # int64 words before the slots: [0] shutdown flag, [2]/[3] shared slot
-_NSLOTS: Final = 508  # per-process (puts, gets) slots after the header: 8 KiB in all
-_COUNTS_BYTES: Final = 8 * (_HEADER + 2 * _NSLOTS)
+# words before the slots: [0] shutdown flag, [1] a repair is due, [2..5] the shared slot
+_HEADER: Final = 8
+_STRIDE: Final = 4  # words per slot: puts, gets, windows entered, windows left
+_NSLOTS: Final = 508  # per-process slots after the header
+_COUNTS_BYTES: Final = 8 * (_HEADER + _STRIDE * _NSLOTS)
+_SHARED: Final = 2  # the shared slot's first word
 _LOCK_SHARED: Final = _NSLOTS  # the byte locked around updates of the shared slot
+_LOCK_REPAIR: Final = _NSLOTS + 1  # the byte a process repairing the counts holds
 _fork_generation = 0
 
 
@@ -114,6 +122,10 @@ class SharedCounts:
     slot adds to its counts, which stay true), so plain 8-byte stores need no atomics. A
     forked child claims a slot of its own before its first update. If every slot is taken,
     updates go to a shared slot under a lock (correct, one syscall pair each).
+
+    Each slot also counts the *windows* its process entered and left: a window spans one
+    put or get from taking a capacity token (or a record) to the last count it updates. See
+    Note [Capacity after a kill] for what they are for.
     """
 
     __slots__ = ("_gen", "_lock_fd", "_map", "_slot", "_words", "fd")
@@ -139,20 +151,27 @@ class SharedCounts:
             else:  # pragma: no cover
                 self._lock_fd = os.dup(self.fd)
         except OSError:
-            self._slot = 2  # no fd to lock with: the shared slot
+            self._slot = _SHARED  # no fd to lock with: the shared slot
             return self._slot
+        words = self._words
         for i in range(_NSLOTS):
             if _lock_byte(self._lock_fd, i, wait=False):
-                self._slot = _HEADER + 2 * i
-                return self._slot
-        self._slot = 2
+                slot = _HEADER + _STRIDE * i
+                if words[slot + 2] != words[slot + 3]:
+                    # its last owner died inside a window: what it took is repaired at the
+                    # next quiet moment (see Note [Capacity after a kill]); close the window
+                    words[1] = 1
+                    words[slot + 3] = words[slot + 2]
+                self._slot = slot
+                return slot
+        self._slot = _SHARED
         return self._slot
 
     def _add(self, which: int) -> None:
         slot = self._slot
         if not slot or self._gen != _fork_generation:
             slot = self._claim()
-        if slot == 2:
+        if slot == _SHARED:
             fd = self._lock_fd if self._lock_fd >= 0 else self.fd
             _lock_byte(fd, _LOCK_SHARED, wait=True)
             try:
@@ -168,9 +187,95 @@ class SharedCounts:
     def got(self) -> None:
         self._add(1)
 
-    def qsize(self) -> int:
+    def enter(self) -> None:
+        """This process starts a put or get that takes a token or a record."""
+        self._add(2)
+
+    def leave(self) -> None:
+        """... and is done with it: every count it changes is updated."""
+        self._add(3)
+
+    def balance(self) -> int:
+        """Σ puts − Σ gets (exact only while no process died inside a window)."""
         words = self._words
-        return max(0, sum(words[2::2]) - sum(words[3::2]))
+        puts = words[_SHARED] + sum(words[_HEADER::_STRIDE])
+        gets = words[_SHARED + 1] + sum(words[_HEADER + 1 :: _STRIDE])
+        return puts - gets
+
+    def qsize(self) -> int:
+        return max(0, self.balance())
+
+    @property
+    def repair_due(self) -> bool:
+        """A process died inside a window: a repair is due at the next quiet moment."""
+        return self._words[1] != 0
+
+    def _windows(self, held: list[int]) -> int | None:
+        """Σ windows entered if no live process is inside one, else None. A slot whose
+        window is open with no live owner (its lock byte is free) is locked into ``held``
+        (so nobody claims it meanwhile), flagged as due for repair and counted as closed."""
+        words = self._words
+        if words[_SHARED + 2] != words[_SHARED + 3]:
+            return None  # a live process (or one we cannot tell) in the shared slot
+        entered = words[_HEADER + 2 :: _STRIDE].tolist()
+        left = words[_HEADER + 3 :: _STRIDE].tolist()
+        for i, (e, x) in enumerate(zip(entered, left, strict=True)):
+            if e == x:
+                continue
+            slot = _HEADER + _STRIDE * i
+            if slot == self._slot:
+                return None  # another thread of ours
+            if i in held:
+                continue
+            if not _lock_byte(self._lock_fd, i, wait=False):
+                return None  # a live process is inside a put or get
+            held.append(i)
+            words[1] = 1
+        return sum(entered) + words[_SHARED + 2]
+
+    def repair(self, measure: Callable[[], int | None], fix: Callable[[int], None]) -> bool:
+        """Make the counts true again at a quiet moment: see Note [Capacity after a kill].
+
+        ``measure()`` is called when no live process is inside a put or get: None if the
+        queue holds a record, else what ``fix`` needs (the free tokens). If still no process
+        entered a put or get by then, the balance is set to zero through this process's slot
+        and ``fix(measured)`` restores the tokens. False if the moment was not quiet.
+        """
+        if not HAS_OFD:  # pragma: no cover - no per-description locks to tell the dead
+            return False
+        slot = self._slot
+        if not slot or self._gen != _fork_generation:
+            slot = self._claim()
+        if slot == _SHARED or self._lock_fd < 0:
+            return False
+        if not _lock_byte(self._lock_fd, _LOCK_REPAIR, wait=False):
+            return False  # another process is repairing
+        held: list[int] = []
+        try:
+            before = self._windows(held)
+            if before is None:
+                return False
+            balance = self.balance()
+            measured = measure()
+            if measured is None:
+                return False
+            if self._windows(held) != before:
+                return False  # someone started a put or get meanwhile: try another time
+            fix(measured)
+            words = self._words
+            if balance > 0:
+                words[slot + 1] += balance
+            elif balance < 0:
+                words[slot] -= balance
+            for i in held:  # the dead windows are accounted for now: close them
+                dead = _HEADER + _STRIDE * i
+                words[dead + 3] = words[dead + 2]
+            words[1] = 0
+            return True
+        finally:
+            for i in held:
+                _lock_byte(self._lock_fd, i, wait=False, unlock=True)
+            _lock_byte(self._lock_fd, _LOCK_REPAIR, wait=False, unlock=True)
 
     @property
     def shut_down(self) -> bool:
@@ -306,32 +411,107 @@ class Queue:
             raise QueueShutDown(f"Queue {self!r} is shut down")
 
     # -- steps shared by the blocking and the async face --------------------------------------
-    def _try_put(self, record: Any, fds: list[int], have_slot: bool) -> tuple[bool, bool]:
-        """One non-blocking attempt: ``(done, have_slot)``."""
-        if not have_slot:
-            have_slot = self._try_take_slot()
-            if not have_slot:
-                return False, False
+    #
+    # Note [Capacity after a kill]
+    # ~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+    # A bounded queue's free capacity is one byte per free slot in a token pipe; the items
+    # are records on the socket. A put takes a token and sends; a get receives and gives a
+    # token back. Nothing is held across a wait: a put that finds the socket buffer full
+    # gives its token back before it waits, so a process killed while blocked in put (or
+    # get) holds nothing. A failed get (a record it could not use: FdLimitError, an
+    # oversized, empty or otherwise malformed record) still counts the record it consumed
+    # and gives its token back.
+    #
+    # What is left is a process killed inside the few instructions between one syscall and
+    # the next (a token taken but the record not yet sent; a record received but the token
+    # not yet given back). No user-space count can be made exact across such a kill, so
+    # every put and get marks that stretch as a *window* in its process's slot of the shared
+    # counts (entered / left), and the counts are repaired at the next quiet moment: when no
+    # live process is inside a window (a dead one's slot lock is gone, so its open window is
+    # known to be dead) and the socket holds no record, the queue is empty, so the true
+    # state is "maxsize free tokens, qsize 0". A repair (under a lock of its own) reads the
+    # token count and the balance, checks that no window was entered meanwhile (the
+    # windows-entered sums are unchanged: a seqlock), and restores both. Gets and puts pay
+    # two stores each for this; the repair runs only when a get or ``qsize()`` finds the
+    # queue empty and its counts wrong, when a put finds no token with nothing queued, or
+    # after a dead window was seen.
+
+    def _try_put(self, record: Any, fds: list[int]) -> int:
+        """One non-blocking attempt: :data:`PUT`, :data:`NO_SLOT` or :data:`NO_ROOM`. Holds
+        no token when it returns (see Note [Capacity after a kill])."""
         counts = self._counts
-        counts.put_done()  # before the item can be taken, so qsize() never goes negative
+        counts.enter()
         try:
-            sent = self._writer.try_send_record(record, fds)
-        except BaseException:
-            counts.got()
-            self._give_slot()
-            raise
-        if not sent:
-            counts.got()
-            return False, True
-        return True, True
+            if not self._try_take_slot():
+                return NO_SLOT
+            counts.put_done()  # before the item can be taken, so qsize() never goes negative
+            try:
+                sent = self._writer.try_send_record(record, fds)
+            except BaseException:
+                counts.got()
+                self._give_slot()
+                raise
+            if not sent:
+                counts.got()
+                self._give_slot()
+                return NO_ROOM
+            return PUT
+        finally:
+            counts.leave()
 
     def _try_get(self) -> Any:
-        """One non-blocking attempt: the record ``(data, fds)`` or None."""
-        got = self._reader.try_recv_record()
-        if got is not None:
-            self._counts.got()
-            self._give_slot()
+        """One non-blocking attempt: the record ``(data, fds)`` or None. A record that was
+        consumed but cannot be used is still counted, and its token given back."""
+        counts = self._counts
+        counts.enter()
+        try:
+            try:
+                got = self._reader.try_recv_record()
+            except (EOFError, ProtocolError, FdLimitError) as exc:
+                counts.got()
+                self._give_slot()
+                if isinstance(exc, EOFError):  # this process holds a writer: not the end
+                    raise ProtocolError("received an empty record") from None
+                raise
+            if got is not None:
+                counts.got()
+                self._give_slot()
+        finally:
+            counts.leave()
+        if counts.repair_due:
+            self._settle()
         return got
+
+    def _settle(self) -> bool:
+        """Repair the counts and the capacity if the queue is empty and they are wrong (a
+        process was killed inside a put or get). True if a repair was made."""
+        counts = self._counts
+        if self._reader.closed or self._reader.poll(0):
+            return False
+        if (
+            not counts.repair_due
+            and counts.balance() == 0
+            and (self._slots_r < 0 or _pipe_size(self._slots_r) == self._maxsize)
+        ):
+            return False
+        return counts.repair(self._measure, self._fix_tokens)
+
+    def _measure(self) -> int | None:
+        if self._reader.poll(0):
+            return None  # a record is waiting: not a quiet moment
+        return _pipe_size(self._slots_r) if self._slots_r >= 0 else 0
+
+    def _fix_tokens(self, free: int) -> None:
+        if self._slots_r < 0:
+            return
+        missing = self._maxsize - free
+        try:
+            if missing > 0:
+                os.write(self._slots_w, b"\0" * missing)
+            elif missing < 0:
+                os.read(self._slots_r, -missing)
+        except BlockingIOError:
+            pass
 
     # -- the stdlib API ---------------------------------------------------------------------
     def put(self, obj: Any, block: bool = True, timeout: float | None = None) -> None:
@@ -345,21 +525,19 @@ class Queue:
         record, fds, owned = self._writer.encode(obj)
         try:
             deadline = self._deadline(block, timeout)
-            have_slot = False
             while True:
-                done, have_slot = self._try_put(record, fds, have_slot)
-                if done:
+                outcome = self._try_put(record, fds)
+                if outcome == PUT:
                     return
-                wait_fd, events = (
-                    (self._writer.fileno(), _POLLOUT) if have_slot else (self._slots_r, _POLLIN)
-                )
+                if outcome == NO_SLOT:
+                    if self._settle():
+                        continue  # capacity a killed process took is back
+                    wait_fd, events = self._slots_r, _POLLIN
+                else:
+                    wait_fd, events = self._writer.fileno(), _POLLOUT
                 if not _wait_any([(wait_fd, events), (self._shut_r, _POLLIN)], deadline):
-                    if have_slot:
-                        self._give_slot()
                     raise _queue.Full
                 if self._is_shutdown():
-                    if have_slot:
-                        self._give_slot()
                     raise QueueShutDown(f"Queue {self!r} is shut down")
         finally:
             _reduction.close_owned(fds, owned)
@@ -389,6 +567,7 @@ class Queue:
             try_first = True
             if not self._wait_for_item(deadline):
                 self._got_waiting = False
+                self._settle()
                 if self._is_shutdown():
                     raise QueueShutDown(f"Queue {self!r} is shut down and empty")
                 raise _queue.Empty
@@ -414,7 +593,10 @@ class Queue:
     def qsize(self) -> int:
         """Approximate number of items in the queue."""
         self._check_closed()
-        return self._counts.qsize()
+        size = self._counts.qsize()
+        if size and self._settle():
+            size = self._counts.qsize()
+        return size
 
     def empty(self) -> bool:
         """True if no item is waiting right now."""
@@ -489,18 +671,18 @@ class JoinableQueue(Queue):
         super()._set_fds(fds[:5])
         self._tasks_r, self._tasks_w, self._done_r, self._done_w = fds[5:]
 
-    def _try_put(self, record: Any, fds: list[int], have_slot: bool) -> tuple[bool, bool]:
+    def _try_put(self, record: Any, fds: list[int]) -> int:
         # count the task before the item can be taken, so task_done() never runs ahead
         _drain(self._done_r)
         _write_blocking(self._tasks_w)
         try:
-            done, have_slot = super()._try_put(record, fds, have_slot)
+            outcome = super()._try_put(record, fds)
         except BaseException:
             self._task_finished()
             raise
-        if not done:
+        if outcome != PUT:
             self._task_finished()
-        return done, have_slot
+        return outcome
 
     def _task_finished(self) -> bool:
         try:
