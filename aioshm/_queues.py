@@ -28,6 +28,7 @@ import queue as _queue
 import select
 import struct
 import termios
+import threading
 import time
 import weakref
 from collections.abc import Callable
@@ -128,7 +129,7 @@ class SharedCounts:
     Note [Capacity after a kill] for what they are for.
     """
 
-    __slots__ = ("_gen", "_lock_fd", "_map", "_slot", "_words", "fd")
+    __slots__ = ("_gen", "_lock_fd", "_map", "_slot", "_tlock", "_words", "fd")
 
     def __init__(self, fd: int | None = None) -> None:
         if fd is None:
@@ -139,11 +140,15 @@ class SharedCounts:
         self._slot = 0  # index of our puts word; 0: not claimed yet
         self._lock_fd = -1
         self._gen = -1
+        # the threads of one process share its slot: an increment is a load and a store,
+        # and a lost one would leave a window open for good (no repair could run)
+        self._tlock = threading.Lock()
 
     def _claim(self) -> int:
         if self._lock_fd >= 0:  # inherited across fork: the parent's, not ours
             os.close(self._lock_fd)
             self._lock_fd = -1
+            self._tlock = threading.Lock()  # whatever state another thread left it in
         self._gen = _fork_generation
         try:
             if HAS_OFD:
@@ -173,13 +178,15 @@ class SharedCounts:
             slot = self._claim()
         if slot == _SHARED:
             fd = self._lock_fd if self._lock_fd >= 0 else self.fd
-            _lock_byte(fd, _LOCK_SHARED, wait=True)
-            try:
-                self._words[slot + which] += 1
-            finally:
-                _lock_byte(fd, _LOCK_SHARED, wait=False, unlock=True)
+            with self._tlock:  # the file lock excludes other processes, not our threads
+                _lock_byte(fd, _LOCK_SHARED, wait=True)
+                try:
+                    self._words[slot + which] += 1
+                finally:
+                    _lock_byte(fd, _LOCK_SHARED, wait=False, unlock=True)
         else:
-            self._words[slot + which] += 1
+            with self._tlock:
+                self._words[slot + which] += 1
 
     def put_done(self) -> None:
         self._add(0)
@@ -770,7 +777,10 @@ class SimpleQueue:
 
     def get(self) -> Any:
         """Remove and return an item, blocking while the queue is empty."""
-        return self._reader.recv()
+        try:
+            return self._reader.recv()
+        except EOFError:  # this process holds a writer: not the end of the stream
+            raise ProtocolError("received an empty record") from None
 
     def put(self, obj: Any) -> None:
         """Put ``obj`` on the queue."""

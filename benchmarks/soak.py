@@ -179,7 +179,14 @@ def _fuzz_records(rng: random.Random, cases: int) -> tuple[int, list[str]]:
             except (ProtocolError, AioshmError, pickle.UnpicklingError, EOFError, ValueError):
                 pass
             except Exception as exc:  # a pickle's own errors are fine; say which
-                pickle_errors = (KeyError, IndexError, TypeError, AttributeError, OverflowError)
+                pickle_errors = (
+                    KeyError,
+                    IndexError,
+                    TypeError,
+                    AttributeError,
+                    OverflowError,
+                    MemoryError,
+                )
                 if not isinstance(exc, pickle_errors):
                     bad.append(f"record case {i}: {exc!r}")
         if len(os.listdir("/proc/self/fd")) != base:
@@ -461,8 +468,7 @@ def main() -> None:
         and result["duplicated"] == 0
         and slope <= 0.5
         and all(result["capacity_ok"].values())
-        and all(after[k] == before[k] for k in ("fds", "threads", "os_threads", "children"))
-        and after["shm_entries"] == before["shm_entries"]
+        and all(after[k] <= before[k] for k in before)
     )
     print("goals met" if goals else "goals NOT met")
 

@@ -582,3 +582,28 @@ def test_an_item_whose_pickle_is_over_2_gib_crosses_a_queue() -> None:
         del got
     finally:
         q.close()
+
+
+def test_an_empty_record_on_a_simple_queue_is_a_protocol_error() -> None:
+    sq = mp.SimpleQueue()
+    try:
+        sq._writer.send_record(b"", [])
+        with pytest.raises(ProtocolError, match="empty record"):
+            sq.get()
+        sq.put("next")
+        assert sq.get() == "next"
+    finally:
+        sq.close()
+
+
+@pytest.mark.anyio
+async def test_an_empty_record_on_a_simple_queue_is_a_protocol_error_async() -> None:
+    sq = aioshm.SimpleQueue()
+    try:
+        sq._writer.send_record(b"", [])
+        with pytest.raises(ProtocolError, match="empty record"):
+            await sq.get_async()
+        await sq.put_async("next")
+        assert await sq.get_async() == "next"
+    finally:
+        sq.close()

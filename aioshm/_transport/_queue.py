@@ -14,7 +14,7 @@ import anyio
 import anyio.lowlevel
 
 from .. import _reduction
-from .._exceptions import QueueShutDown
+from .._exceptions import ProtocolError, QueueShutDown
 from .._queues import NO_SLOT, PUT
 from ._waits import copy_in_chunks, locks_of
 
@@ -194,7 +194,10 @@ async def _channel_send(ch: RecordChannel, obj: Any, lock: anyio.Lock) -> None:
 
 
 async def simple_get_async(q: SimpleQueue) -> Any:
-    return await _channel_recv(q._reader, locks_of(q).read)
+    try:
+        return await _channel_recv(q._reader, locks_of(q).read)
+    except EOFError:  # this process holds a writer: not the end of the stream
+        raise ProtocolError("received an empty record") from None
 
 
 async def simple_put_async(q: SimpleQueue, obj: Any) -> None:
