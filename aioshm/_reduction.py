@@ -313,10 +313,10 @@ def dumps(
     """Pickle ``obj`` with fds in-band: ``(payload, fds, owned)``.
 
     The payload is a plain ``ForkingPickler`` pickle when no fd is needed (byte-compatible with
-    the stdlib), else an :class:`~aioshm._wire.FdHeader` followed by the pickle. The caller sends ``fds`` with
-    the payload and then closes the ``owned`` ones. With ``copies`` (async senders), large
-    value copies are not made here but appended as ``(dst, src)`` for the caller to make,
-    in chunks, before sending.
+    the stdlib), else an :class:`~aioshm._wire.FdHeader` followed by the pickle. The caller
+    sends ``fds`` with the payload and then closes the ``owned`` ones. With ``copies`` (async
+    senders), large value copies are not made here but appended as ``(dst, src)`` for the
+    caller to make, in chunks, before sending.
     """
     # Scalars and short flat tuples of them: no reducer can be involved (the C pickler writes
     # these types itself, byte for byte as the shared pickler below would), so skip its setup.
