@@ -481,10 +481,16 @@ def _spill(data: bytes | bytearray | memoryview) -> int:
     return fd
 
 
-def _unspill(fd: int, size: int, chunk: int = _IO_MAX) -> bytearray:
+def _unspill(fd: int, size: int, chunk: int = _IO_MAX) -> bytes:
     """The ``size`` bytes of a received spill fd, checked before anything is allocated:
     a memfd (a regular file off Linux) whose real size is ``size`` (ProtocolError otherwise).
-    Reads in a loop: one ``pread`` returns at most ``chunk`` bytes. Does not close ``fd``."""
+    Reads in a loop: one ``pread`` returns at most ``chunk`` bytes. Does not close ``fd``.
+
+    The result is ``bytes``, not a bytearray: the unpickler holds a buffer export of its input
+    while it runs, and a garbage pickle that leaves a reference cycle can get a bytearray
+    freed under that export (CPython then prints "deallocated bytearray object has exported
+    buffers"); bytes track no exports. Above ``chunk`` the pieces are joined (a second
+    copy, briefly)."""
     st = os.fstat(fd)
     sealed: bool | None = None
     if hasattr(os, "memfd_create") and stat.S_ISREG(st.st_mode):
@@ -494,15 +500,15 @@ def _unspill(fd: int, size: int, chunk: int = _IO_MAX) -> bytearray:
         except OSError:
             sealed = False  # a regular file, not a memfd
     check_spill_file(st.st_mode, st.st_size, size, sealed=sealed)
-    buf = bytearray(size)
-    view = memoryview(buf)
+    parts: list[bytes] = []
     done = 0
     while done < size:
-        n = os.preadv(fd, [view[done : done + chunk]], done)
-        if n <= 0:
+        part = os.pread(fd, min(chunk, size - done), done)
+        if not part:
             raise ProtocolError(f"spilled message shrank while read: {done} of {size} bytes")
-        done += n
-    return buf
+        parts.append(part)
+        done += len(part)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def _wait(fd: int, events: int, deadline: float | None) -> bool:
