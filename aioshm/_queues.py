@@ -172,21 +172,28 @@ class SharedCounts:
         self._slot = _SHARED
         return self._slot
 
-    def _add(self, which: int) -> None:
+    def _mine(self) -> int:
         slot = self._slot
         if not slot or self._gen != _fork_generation:
             slot = self._claim()
+        return slot
+
+    def _bump(self, slot: int, which: int) -> None:
+        """Add one to a word of ``slot``; the caller holds ``_tlock``."""
         if slot == _SHARED:
             fd = self._lock_fd if self._lock_fd >= 0 else self.fd
-            with self._tlock:  # the file lock excludes other processes, not our threads
-                _lock_byte(fd, _LOCK_SHARED, wait=True)
-                try:
-                    self._words[slot + which] += 1
-                finally:
-                    _lock_byte(fd, _LOCK_SHARED, wait=False, unlock=True)
-        else:
-            with self._tlock:
+            _lock_byte(fd, _LOCK_SHARED, wait=True)  # excludes other processes
+            try:
                 self._words[slot + which] += 1
+            finally:
+                _lock_byte(fd, _LOCK_SHARED, wait=False, unlock=True)
+        else:
+            self._words[slot + which] += 1
+
+    def _add(self, which: int) -> None:
+        slot = self._mine()
+        with self._tlock:
+            self._bump(slot, which)
 
     def put_done(self) -> None:
         self._add(0)
@@ -201,6 +208,33 @@ class SharedCounts:
     def leave(self) -> None:
         """... and is done with it: every count it changes is updated."""
         self._add(3)
+
+    # the hot path: one window of a put or get, the thread lock held throughout (the window
+    # holds only non-blocking syscalls), its counts bumped inside
+    def begin(self) -> int:
+        """Enter a window; returns the slot to pass to :meth:`bump` and :meth:`end`."""
+        slot = self._mine()
+        self._tlock.acquire()
+        try:
+            self._bump(slot, 2)
+        except BaseException:
+            self._tlock.release()
+            raise
+        return slot
+
+    def bump(self, slot: int, which: int) -> None:
+        """Count a put (``which=0``) or a get (1) inside a window."""
+        if slot == _SHARED:
+            self._bump(slot, which)
+        else:
+            self._words[slot + which] += 1
+
+    def end(self, slot: int) -> None:
+        """Leave the window entered by :meth:`begin`."""
+        try:
+            self._bump(slot, 3)
+        finally:
+            self._tlock.release()
 
     def balance(self) -> int:
         """Σ puts − Σ gets (exact only while no process died inside a window)."""
@@ -447,44 +481,44 @@ class Queue:
         """One non-blocking attempt: :data:`PUT`, :data:`NO_SLOT` or :data:`NO_ROOM`. Holds
         no token when it returns (see Note [Capacity after a kill])."""
         counts = self._counts
-        counts.enter()
+        slot = counts.begin()
         try:
             if not self._try_take_slot():
                 return NO_SLOT
-            counts.put_done()  # before the item can be taken, so qsize() never goes negative
+            counts.bump(slot, 0)  # before the item can be taken: qsize() never goes negative
             try:
                 sent = self._writer.try_send_record(record, fds)
             except BaseException:
-                counts.got()
+                counts.bump(slot, 1)
                 self._give_slot()
                 raise
             if not sent:
-                counts.got()
+                counts.bump(slot, 1)
                 self._give_slot()
                 return NO_ROOM
             return PUT
         finally:
-            counts.leave()
+            counts.end(slot)
 
     def _try_get(self) -> Any:
         """One non-blocking attempt: the record ``(data, fds)`` or None. A record that was
         consumed but cannot be used is still counted, and its token given back."""
         counts = self._counts
-        counts.enter()
+        slot = counts.begin()
         try:
             try:
                 got = self._reader.try_recv_record()
             except (EOFError, ProtocolError, FdLimitError) as exc:
-                counts.got()
+                counts.bump(slot, 1)
                 self._give_slot()
                 if isinstance(exc, EOFError):  # this process holds a writer: not the end
                     raise ProtocolError("received an empty record") from None
                 raise
             if got is not None:
-                counts.got()
+                counts.bump(slot, 1)
                 self._give_slot()
         finally:
-            counts.leave()
+            counts.end(slot)
         if counts.repair_due:
             self._settle()
         return got
