@@ -64,7 +64,7 @@ ARRAY_EVERY = 4
 # Each process keeps idle recycled segments mapped up to a bound (1 GiB by default), and a
 # consumer receives segments from ever new producers: that bounded cache would fill for many
 # minutes and hide a leak in the USS slope. It is bounded lower here.
-POOL_LIMIT = 16 << 20
+POOL_LIMIT = int(os.environ.get("SOAK_POOL_LIMIT", str(16 << 20)))
 
 
 # --------------------------------------------------------------------------- fuzz
