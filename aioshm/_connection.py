@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import array
 import errno
+import fcntl
 import io
 import os
 import select
 import socket
+import stat
 import struct
 import sys
 import threading
@@ -32,9 +34,16 @@ from typing import Any, Final, Generic
 
 from . import _reduction
 from ._exceptions import FdLimitError, ProtocolError
-from ._reduction import FD_HEADER, FD_MAGIC, MAX_FDS_PER_MESSAGE
 from ._typing import RecvT_co, SendT_contra
-from ._wire import NEED_DATA, FrameDecoder, encode_frame
+from ._wire import (
+    FD_MAGIC,
+    MAX_FDS_PER_MESSAGE,
+    NEED_DATA,
+    FdHeader,
+    FrameDecoder,
+    check_spill_file,
+    encode_frame,
+)
 
 __all__ = ("MAX_RECORD", "Connection", "Pipe", "RecordChannel", "record_pair")
 
@@ -116,6 +125,7 @@ class Connection(_mp_connection.Connection, Generic[SendT_contra, RecvT_co]):
     _decoder: FrameDecoder | None = None
     _fdq: list[int] | None = None
     _truncated: FdLimitError | None = None
+    _broken: ProtocolError | None = None  # a rejected frame: the stream is out of step for good
     _eager = 0  # receives in a row that found their frame already there (async fairness)
     _async_state: Any = None  # per-connection async locks, made by aioshm._transport
 
@@ -136,7 +146,25 @@ class Connection(_mp_connection.Connection, Generic[SendT_contra, RecvT_co]):
         if self._fdq:
             _close_all(self._fdq)
             self._fdq = None
+        self._decoder = None
         super()._close()
+
+    def _check_intact(self) -> None:
+        """Raise again the protocol error that broke this connection, if one did.
+
+        After a rejected frame (a bad length, a frame cut short) the stream is out of step:
+        what follows is the rejected payload, not a header. Every later receive, on either
+        face and on every path, raises until the connection is closed.
+        """
+        if self._broken is not None:
+            raise ProtocolError(f"connection broken by an earlier protocol error: {self._broken}")
+
+    def _break(self, exc: ProtocolError) -> None:
+        if self._broken is None:
+            self._broken = exc
+        if self._fdq:
+            _close_all(self._fdq)
+            self._fdq = []
 
     # -- sending ----------------------------------------------------------------------------
     def send(self, obj: SendT_contra) -> None:
@@ -245,7 +273,12 @@ class Connection(_mp_connection.Connection, Generic[SendT_contra, RecvT_co]):
         decoder.receive_data(chunk)
 
     def _next_frame(self) -> tuple[bytes, list[int]] | None:
-        """A complete frame and its fds, if the decoder holds one."""
+        """A complete frame and every fd that arrived with it, if the decoder holds one.
+
+        Reads never go past the current frame and fds arrive with the bytes they were sent
+        with, so all fds queued when a frame completes came with that frame: they are all
+        handed over with it (never kept for the next frame), and whoever decodes the frame
+        checks them against what it announces (see Note [Payload layout] in ``_wire``)."""
         decoder = self._decoder
         if decoder is None:
             return None
@@ -258,10 +291,7 @@ class Connection(_mp_connection.Connection, Generic[SendT_contra, RecvT_co]):
             _close_all(self._fdq)
             self._fdq = []
             raise exc
-        nfds = _reduction.announced_fds(frame)
-        if nfds > len(self._fdq):
-            raise ProtocolError(f"frame announced {nfds} fds but {len(self._fdq)} arrived")
-        fds, self._fdq[:nfds] = self._fdq[:nfds], []
+        fds, self._fdq = self._fdq, []
         return frame, fds
 
     def _fast_frame(self, flags: int) -> tuple[bytes, list[int]] | None:
@@ -276,7 +306,7 @@ class Connection(_mp_connection.Connection, Generic[SendT_contra, RecvT_co]):
         header, ancdata, mflags, _ = sock.recvmsg(4, _CMSG_SPACE, _RECV_FLAGS | flags)
         if len(header) == 4 and not ancdata and not mflags & _MSG_CTRUNC:
             size = _UNPACK_I(header)[0]
-            if 0 <= size <= _FAST_MAX:
+            if 0 <= size <= _FAST_MAX and (decoder is None or size <= decoder.max_frame_size):
                 try:
                     payload = sock.recv(size, _DONTWAIT_INT) if size else b""
                 except BlockingIOError:
@@ -307,6 +337,14 @@ class Connection(_mp_connection.Connection, Generic[SendT_contra, RecvT_co]):
             self._decoder.receive_data(data)
 
     def _recv_frame_blocking(self) -> tuple[bytes, list[int]]:
+        self._check_intact()
+        try:
+            return self._recv_frame_blocking_unchecked()
+        except ProtocolError as exc:
+            self._break(exc)
+            raise
+
+    def _recv_frame_blocking_unchecked(self) -> tuple[bytes, list[int]]:
         while True:
             try:
                 got = self._fast_frame(0)
@@ -341,8 +379,9 @@ class Connection(_mp_connection.Connection, Generic[SendT_contra, RecvT_co]):
         return buf
 
     def _poll(self, timeout: float | None) -> bool:
+        self._check_intact()
         decoder = self._decoder
-        if decoder is not None and decoder.want_bytes() == 0:
+        if decoder is not None and decoder.pending_bytes and decoder.want_bytes() == 0:
             return True
         return bool(_mp_connection.wait([self], timeout))
 
@@ -431,13 +470,17 @@ def anon_fd(name: str, size: int = 0) -> int:
     return fd
 
 
+#: The most one ``read``/``write`` moves on Linux, whatever is asked (0x7ffff000 bytes).
+_IO_MAX: Final = 0x7FFFF000
+
+
 def _spill(data: bytes | bytearray | memoryview) -> int:
     """An unlinked memfd (or temp file) holding ``data``, positioned at 0."""
     fd = anon_fd("aioshm-spill")
     try:
         view = memoryview(data)
         while view:
-            n = os.write(fd, view)
+            n = os.write(fd, view[:_IO_MAX])
             view = view[n:]
     except BaseException:
         os.close(fd)
@@ -445,11 +488,34 @@ def _spill(data: bytes | bytearray | memoryview) -> int:
     return fd
 
 
-def _unspill(fd: int, size: int) -> bytes:
+def _unspill(fd: int, size: int, chunk: int = _IO_MAX) -> bytes:
+    """The ``size`` bytes of a received spill fd, checked before anything is allocated:
+    a memfd (a regular file off Linux) whose real size is ``size`` (ProtocolError otherwise).
+    Reads in a loop: one ``pread`` returns at most ``chunk`` bytes. Does not close ``fd``.
+
+    The result is ``bytes``, not a bytearray: the unpickler holds a buffer export of its input
+    while it runs, and a garbage pickle that leaves a reference cycle can get a bytearray
+    freed under that export (CPython then prints "deallocated bytearray object has exported
+    buffers"); bytes track no exports. Above ``chunk`` the pieces are joined (a second
+    copy, briefly)."""
     st = os.fstat(fd)
-    if st.st_size != size:
-        raise ProtocolError(f"spilled message is {st.st_size} bytes, header says {size}")
-    return os.pread(fd, size, 0) if size else b""
+    sealed: bool | None = None
+    if hasattr(os, "memfd_create") and stat.S_ISREG(st.st_mode):
+        try:
+            fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+            sealed = True
+        except OSError:
+            sealed = False  # a regular file, not a memfd
+    check_spill_file(st.st_mode, st.st_size, size, sealed=sealed)
+    parts: list[bytes] = []
+    done = 0
+    while done < size:
+        part = os.pread(fd, min(chunk, size - done), done)
+        if not part:
+            raise ProtocolError(f"spilled message shrank while read: {done} of {size} bytes")
+        parts.append(part)
+        done += len(part)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def _wait(fd: int, events: int, deadline: float | None) -> bool:
@@ -538,13 +604,14 @@ class RecordChannel:
         ``copies``: see :func:`aioshm._reduction.dumps`."""
         data, fds, owned = _reduction.dumps(obj, copies)
         if len(data) > MAX_RECORD:
-            nfds, _, body = _reduction.split_payload(data)
             try:
+                header, body = FdHeader.split(data, fds=len(fds), spill=False)
                 spill = _spill(body)
             except BaseException:
                 _reduction.close_owned(fds, owned)
                 raise
-            return FD_HEADER.pack(FD_MAGIC, nfds, len(body)), [spill, *fds], [True, *owned]
+            record = FdHeader(header.nfds if header else 0, len(body)).encode()
+            return record, [spill, *fds], [True, *owned]
         return data, fds, owned
 
     def try_send_record(self, record: bytes | bytearray | memoryview, fds: list[int]) -> bool:
@@ -605,26 +672,26 @@ class RecordChannel:
         return data, fds
 
     def decode(self, data: bytes, fds: list[int]) -> Any:
-        """Unpickle a record received by :meth:`try_recv_record` (adopts ``fds``)."""
-        if not fds and not data.startswith(FD_MAGIC):
+        """Unpickle a record received by :meth:`try_recv_record`, adopting ``fds``: they are
+        all consumed or closed, whatever happens (Note [One owner per fd] in ``_reduction``).
+        A malformed record (empty, a bad header, fds it does not announce, a spill fd that is
+        not a memfd of the announced size) is a ``ProtocolError``."""
+        if not fds and data and not data.startswith(FD_MAGIC):
             return _reduction.ForkingPickler.loads(data)  # the common case: a plain pickle
         try:
-            nfds, spilled, _ = _reduction.split_payload(data)
-            if spilled:
-                if not fds:
-                    raise ProtocolError("spilled record arrived without its fd")
-                spill = fds.pop(0)
+            header, body = FdHeader.split(data, fds=len(fds), spill=True)
+            if header is None or not header.spilled:
+                pickle: bytes | bytearray | memoryview = body
+            else:
+                spill, fds = fds[0], fds[1:]
                 try:
-                    body = _unspill(spill, spilled)
+                    pickle = _unspill(spill, header.spilled)
                 finally:
                     os.close(spill)
-                if nfds:
-                    body = FD_HEADER.pack(FD_MAGIC, nfds, 0) + body
-                return _reduction.loads(body, fds)
-            return _reduction.loads(data, fds)
         except BaseException:
             _close_all(fds)
             raise
+        return _reduction.loads_pickle(pickle, fds)  # owns fds from here on
 
     def recv(self, timeout: float | None = None) -> Any:
         """Receive one object, blocking up to ``timeout``; raises TimeoutError on timeout."""

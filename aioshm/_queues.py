@@ -28,6 +28,7 @@ import queue as _queue
 import select
 import struct
 import termios
+import threading
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -38,7 +39,7 @@ from . import _backend, _reduction
 from ._connection import anon_fd, record_pair
 from ._connection import poll_until as _poll_until
 from ._connection import wait_any as _wait_any
-from ._exceptions import QueueShutDown
+from ._exceptions import FdLimitError, ProtocolError, QueueShutDown
 from ._shm._segment import HAS_OFD, ofd_lock_byte
 from ._typing import ItemT
 
@@ -55,6 +56,10 @@ except ImportError:  # pragma: no cover
     _SEM_VALUE_MAX = 2**31 - 1
 
 _PIPE_MAX: Final = 1 << 20
+# outcomes of one attempt to put (Queue._try_put)
+PUT: Final = 0  # the item is on the queue
+NO_SLOT: Final = 1  # the queue holds maxsize items: wait on the token pipe
+NO_ROOM: Final = 2  # the socket buffer is full: wait until the data fd is writable
 _POLLIN: Final = select.POLLIN
 _POLLOUT: Final = select.POLLOUT
 
@@ -80,10 +85,14 @@ def _pipe_size(fd: int) -> int:
 
 # --------------------------------------------------------------------------- shared counts
 
-_HEADER: Final = 8  # int64 words before the slots: [0] shutdown flag, [2]/[3] shared slot
-_NSLOTS: Final = 508  # per-process (puts, gets) slots after the header: 8 KiB in all
-_COUNTS_BYTES: Final = 8 * (_HEADER + 2 * _NSLOTS)
+# words before the slots: [0] shutdown flag, [1] a repair is due, [2..5] the shared slot
+_HEADER: Final = 8
+_STRIDE: Final = 4  # words per slot: puts, gets, windows entered, windows left
+_NSLOTS: Final = 508  # per-process slots after the header
+_COUNTS_BYTES: Final = 8 * (_HEADER + _STRIDE * _NSLOTS)
+_SHARED: Final = 2  # the shared slot's first word
 _LOCK_SHARED: Final = _NSLOTS  # the byte locked around updates of the shared slot
+_LOCK_REPAIR: Final = _NSLOTS + 1  # the byte a process repairing the counts holds
 _fork_generation = 0
 
 
@@ -118,9 +127,13 @@ class SharedCounts:
     slot adds to its counts, which stay true), so plain 8-byte stores need no atomics. A
     forked child claims a slot of its own before its first update. If every slot is taken,
     updates go to a shared slot under a lock (correct, one syscall pair each).
+
+    Each slot also counts the *windows* its process entered and left: a window spans one
+    put or get from taking a capacity token (or a record) to the last count it updates. See
+    Note [Capacity after a kill] for what they are for.
     """
 
-    __slots__ = ("_gen", "_lock_fd", "_map", "_slot", "_words", "fd")
+    __slots__ = ("_gen", "_lock_fd", "_map", "_slot", "_tlock", "_words", "fd")
 
     def __init__(self, fd: int | None = None) -> None:
         if fd is None:
@@ -131,11 +144,15 @@ class SharedCounts:
         self._slot = 0  # index of our puts word; 0: not claimed yet
         self._lock_fd = -1
         self._gen = -1
+        # the threads of one process share its slot: an increment is a load and a store,
+        # and a lost one would leave a window open for good (no repair could run)
+        self._tlock = threading.Lock()
 
     def _claim(self) -> int:
         if self._lock_fd >= 0:  # inherited across fork: the parent's, not ours
             os.close(self._lock_fd)
             self._lock_fd = -1
+            self._tlock = threading.Lock()  # whatever state another thread left it in
         self._gen = _fork_generation
         try:
             if HAS_OFD:
@@ -143,22 +160,33 @@ class SharedCounts:
             else:  # pragma: no cover
                 self._lock_fd = os.dup(self.fd)
         except OSError:
-            self._slot = 2  # no fd to lock with: the shared slot
+            self._slot = _SHARED  # no fd to lock with: the shared slot
             return self._slot
+        words = self._words
         for i in range(_NSLOTS):
             if _lock_byte(self._lock_fd, i, wait=False):
-                self._slot = _HEADER + 2 * i
-                return self._slot
-        self._slot = 2
+                slot = _HEADER + _STRIDE * i
+                if words[slot + 2] != words[slot + 3]:
+                    # its last owner died inside a window: what it took is repaired at the
+                    # next quiet moment (see Note [Capacity after a kill]); close the window
+                    words[1] = 1
+                    words[slot + 3] = words[slot + 2]
+                self._slot = slot
+                return slot
+        self._slot = _SHARED
         return self._slot
 
-    def _add(self, which: int) -> None:
+    def _mine(self) -> int:
         slot = self._slot
         if not slot or self._gen != _fork_generation:
             slot = self._claim()
-        if slot == 2:
+        return slot
+
+    def _bump(self, slot: int, which: int) -> None:
+        """Add one to a word of ``slot``; the caller holds ``_tlock``."""
+        if slot == _SHARED:
             fd = self._lock_fd if self._lock_fd >= 0 else self.fd
-            _lock_byte(fd, _LOCK_SHARED, wait=True)
+            _lock_byte(fd, _LOCK_SHARED, wait=True)  # excludes other processes
             try:
                 self._words[slot + which] += 1
             finally:
@@ -166,15 +194,133 @@ class SharedCounts:
         else:
             self._words[slot + which] += 1
 
+    def _add(self, which: int) -> None:
+        slot = self._mine()
+        with self._tlock:
+            self._bump(slot, which)
+
     def put_done(self) -> None:
         self._add(0)
 
     def got(self) -> None:
         self._add(1)
 
-    def qsize(self) -> int:
+    def enter(self) -> None:
+        """This process starts a put or get that takes a token or a record."""
+        self._add(2)
+
+    def leave(self) -> None:
+        """... and is done with it: every count it changes is updated."""
+        self._add(3)
+
+    # the hot path: one window of a put or get, the thread lock held throughout (the window
+    # holds only non-blocking syscalls), its counts bumped inside
+    def begin(self) -> int:
+        """Enter a window; returns the slot to pass to :meth:`bump` and :meth:`end`."""
+        slot = self._mine()
+        self._tlock.acquire()
+        try:
+            self._bump(slot, 2)
+        except BaseException:
+            self._tlock.release()
+            raise
+        return slot
+
+    def bump(self, slot: int, which: int) -> None:
+        """Count a put (``which=0``) or a get (1) inside a window."""
+        if slot == _SHARED:
+            self._bump(slot, which)
+        else:
+            self._words[slot + which] += 1
+
+    def end(self, slot: int) -> None:
+        """Leave the window entered by :meth:`begin`."""
+        try:
+            self._bump(slot, 3)
+        finally:
+            self._tlock.release()
+
+    def balance(self) -> int:
+        """Σ puts − Σ gets (exact only while no process died inside a window)."""
         words = self._words
-        return max(0, sum(words[2::2]) - sum(words[3::2]))
+        puts = words[_SHARED] + sum(words[_HEADER::_STRIDE])
+        gets = words[_SHARED + 1] + sum(words[_HEADER + 1 :: _STRIDE])
+        return puts - gets
+
+    def qsize(self) -> int:
+        return max(0, self.balance())
+
+    @property
+    def repair_due(self) -> bool:
+        """A process died inside a window: a repair is due at the next quiet moment."""
+        return self._words[1] != 0
+
+    def _windows(self, held: list[int]) -> int | None:
+        """Σ windows entered if no live process is inside one, else None. A slot whose
+        window is open with no live owner (its lock byte is free) is locked into ``held``
+        (so nobody claims it meanwhile), flagged as due for repair and counted as closed."""
+        words = self._words
+        if words[_SHARED + 2] != words[_SHARED + 3]:
+            return None  # a live process (or one we cannot tell) in the shared slot
+        entered = words[_HEADER + 2 :: _STRIDE].tolist()
+        left = words[_HEADER + 3 :: _STRIDE].tolist()
+        for i, (e, x) in enumerate(zip(entered, left, strict=True)):
+            if e == x:
+                continue
+            slot = _HEADER + _STRIDE * i
+            if slot == self._slot:
+                return None  # another thread of ours
+            if i in held:
+                continue
+            if not _lock_byte(self._lock_fd, i, wait=False):
+                return None  # a live process is inside a put or get
+            held.append(i)
+            words[1] = 1
+        return sum(entered) + words[_SHARED + 2]
+
+    def repair(self, measure: Callable[[], int | None], fix: Callable[[int], None]) -> bool:
+        """Make the counts true again at a quiet moment: see Note [Capacity after a kill].
+
+        ``measure()`` is called when no live process is inside a put or get: None if the
+        queue holds a record, else what ``fix`` needs (the free tokens). If still no process
+        entered a put or get by then, the balance is set to zero through this process's slot
+        and ``fix(measured)`` restores the tokens. False if the moment was not quiet.
+        """
+        if not HAS_OFD:  # pragma: no cover - no per-description locks to tell the dead
+            return False
+        slot = self._slot
+        if not slot or self._gen != _fork_generation:
+            slot = self._claim()
+        if slot == _SHARED or self._lock_fd < 0:
+            return False
+        if not _lock_byte(self._lock_fd, _LOCK_REPAIR, wait=False):
+            return False  # another process is repairing
+        held: list[int] = []
+        try:
+            before = self._windows(held)
+            if before is None:
+                return False
+            balance = self.balance()
+            measured = measure()
+            if measured is None:
+                return False
+            if self._windows(held) != before:
+                return False  # someone started a put or get meanwhile: try another time
+            fix(measured)
+            words = self._words
+            if balance > 0:
+                words[slot + 1] += balance
+            elif balance < 0:
+                words[slot] -= balance
+            for i in held:  # the dead windows are accounted for now: close them
+                dead = _HEADER + _STRIDE * i
+                words[dead + 3] = words[dead + 2]
+            words[1] = 0
+            return True
+        finally:
+            for i in held:
+                _lock_byte(self._lock_fd, i, wait=False, unlock=True)
+            _lock_byte(self._lock_fd, _LOCK_REPAIR, wait=False, unlock=True)
 
     @property
     def shut_down(self) -> bool:
@@ -321,33 +467,108 @@ class Queue(Generic[ItemT]):
             raise QueueShutDown(f"Queue {self!r} is shut down")
 
     # -- steps shared by the blocking and the async face --------------------------------------
-    def _try_put(self, record: Any, fds: list[int], have_slot: bool) -> tuple[bool, bool]:
-        """One non-blocking attempt: ``(done, have_slot)``."""
-        if not have_slot:
-            have_slot = self._try_take_slot()
-            if not have_slot:
-                return False, False
+    #
+    # Note [Capacity after a kill]
+    # ~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+    # A bounded queue's free capacity is one byte per free slot in a token pipe; the items
+    # are records on the socket. A put takes a token and sends; a get receives and gives a
+    # token back. Nothing is held across a wait: a put that finds the socket buffer full
+    # gives its token back before it waits, so a process killed while blocked in put (or
+    # get) holds nothing. A failed get (a record it could not use: FdLimitError, an
+    # oversized, empty or otherwise malformed record) still counts the record it consumed
+    # and gives its token back.
+    #
+    # What is left is a process killed inside the few instructions between one syscall and
+    # the next (a token taken but the record not yet sent; a record received but the token
+    # not yet given back). No user-space count can be made exact across such a kill, so
+    # every put and get marks that stretch as a *window* in its process's slot of the shared
+    # counts (entered / left), and the counts are repaired at the next quiet moment: when no
+    # live process is inside a window (a dead one's slot lock is gone, so its open window is
+    # known to be dead) and the socket holds no record, the queue is empty, so the true
+    # state is "maxsize free tokens, qsize 0". A repair (under a lock of its own) reads the
+    # token count and the balance, checks that no window was entered meanwhile (the
+    # windows-entered sums are unchanged: a seqlock), and restores both. Gets and puts pay
+    # two stores each for this; the repair runs only when a get or ``qsize()`` finds the
+    # queue empty and its counts wrong, when a put finds no token with nothing queued, or
+    # after a dead window was seen.
+
+    def _try_put(self, record: Any, fds: list[int]) -> int:
+        """One non-blocking attempt: :data:`PUT`, :data:`NO_SLOT` or :data:`NO_ROOM`. Holds
+        no token when it returns (see Note [Capacity after a kill])."""
         counts = self._counts
-        counts.put_done()  # before the item can be taken, so qsize() never goes negative
+        slot = counts.begin()
         try:
-            sent = self._writer.try_send_record(record, fds)
-        except BaseException:
-            counts.got()
-            self._give_slot()
-            raise
-        if not sent:
-            counts.got()
-            return False, True
-        self._put_here = True
-        return True, True
+            if not self._try_take_slot():
+                return NO_SLOT
+            counts.bump(slot, 0)  # before the item can be taken: qsize() never goes negative
+            try:
+                sent = self._writer.try_send_record(record, fds)
+            except BaseException:
+                counts.bump(slot, 1)
+                self._give_slot()
+                raise
+            if not sent:
+                counts.bump(slot, 1)
+                self._give_slot()
+                return NO_ROOM
+            self._put_here = True
+            return PUT
+        finally:
+            counts.end(slot)
 
     def _try_get(self) -> Any:
-        """One non-blocking attempt: the record ``(data, fds)`` or None."""
-        got = self._reader.try_recv_record()
-        if got is not None:
-            self._counts.got()
-            self._give_slot()
+        """One non-blocking attempt: the record ``(data, fds)`` or None. A record that was
+        consumed but cannot be used is still counted, and its token given back."""
+        counts = self._counts
+        slot = counts.begin()
+        try:
+            try:
+                got = self._reader.try_recv_record()
+            except (EOFError, ProtocolError, FdLimitError) as exc:
+                counts.bump(slot, 1)
+                self._give_slot()
+                if isinstance(exc, EOFError):  # this process holds a writer: not the end
+                    raise ProtocolError("received an empty record") from None
+                raise
+            if got is not None:
+                counts.bump(slot, 1)
+                self._give_slot()
+        finally:
+            counts.end(slot)
+        if counts.repair_due:
+            self._settle()
         return got
+
+    def _settle(self) -> bool:
+        """Repair the counts and the capacity if the queue is empty and they are wrong (a
+        process was killed inside a put or get). True if a repair was made."""
+        counts = self._counts
+        if self._reader.closed or self._reader.poll(0):
+            return False
+        if (
+            not counts.repair_due
+            and counts.balance() == 0
+            and (self._slots_r < 0 or _pipe_size(self._slots_r) == self._maxsize)
+        ):
+            return False
+        return counts.repair(self._measure, self._fix_tokens)
+
+    def _measure(self) -> int | None:
+        if self._reader.poll(0):
+            return None  # a record is waiting: not a quiet moment
+        return _pipe_size(self._slots_r) if self._slots_r >= 0 else 0
+
+    def _fix_tokens(self, free: int) -> None:
+        if self._slots_r < 0:
+            return
+        missing = self._maxsize - free
+        try:
+            if missing > 0:
+                os.write(self._slots_w, b"\0" * missing)
+            elif missing < 0:
+                os.read(self._slots_r, -missing)
+        except BlockingIOError:
+            pass
 
     # -- the stdlib API ---------------------------------------------------------------------
     def put(self, obj: ItemT, block: bool = True, timeout: float | None = None) -> None:
@@ -360,25 +581,26 @@ class Queue(Generic[ItemT]):
         self._check_put()
         record, fds, owned = self._writer.encode(obj)
         try:
-            deadline = self._deadline(block, timeout)
-            have_slot = False
-            while True:
-                done, have_slot = self._try_put(record, fds, have_slot)
-                if done:
-                    return
-                wait_fd, events = (
-                    (self._writer.fileno(), _POLLOUT) if have_slot else (self._slots_r, _POLLIN)
-                )
-                if not _wait_any([(wait_fd, events), (self._shut_r, _POLLIN)], deadline):
-                    if have_slot:
-                        self._give_slot()
-                    raise _queue.Full
-                if self._is_shutdown():
-                    if have_slot:
-                        self._give_slot()
-                    raise QueueShutDown(f"Queue {self!r} is shut down")
+            self._put_record(record, fds, self._deadline(block, timeout))
         finally:
             _reduction.close_owned(fds, owned)
+
+    def _put_record(self, record: Any, fds: list[int], deadline: float | None) -> None:
+        """:meth:`put` of one encoded record: try, and wait for room until ``deadline``."""
+        while True:
+            outcome = self._try_put(record, fds)
+            if outcome == PUT:
+                return
+            if outcome == NO_SLOT:
+                if self._settle():
+                    continue  # capacity a killed process took is back
+                wait_fd, events = self._slots_r, _POLLIN
+            else:
+                wait_fd, events = self._writer.fileno(), _POLLOUT
+            if not _wait_any([(wait_fd, events), (self._shut_r, _POLLIN)], deadline):
+                raise _queue.Full
+            if self._is_shutdown():
+                raise QueueShutDown(f"Queue {self!r} is shut down")
 
     def get(self, block: bool = True, timeout: float | None = None) -> ItemT:
         """Remove and return an item; block (up to ``timeout``) while the queue is empty.
@@ -405,6 +627,7 @@ class Queue(Generic[ItemT]):
             try_first = True
             if not self._wait_for_item(deadline):
                 self._got_waiting = False
+                self._settle()
                 if self._is_shutdown():
                     raise QueueShutDown(f"Queue {self!r} is shut down and empty")
                 raise _queue.Empty
@@ -430,7 +653,10 @@ class Queue(Generic[ItemT]):
     def qsize(self) -> int:
         """Approximate number of items in the queue."""
         self._check_closed()
-        return self._counts.qsize()
+        size = self._counts.qsize()
+        if size and self._settle():
+            size = self._counts.qsize()
+        return size
 
     def empty(self) -> bool:
         """True if no item is waiting right now.
@@ -512,58 +738,20 @@ class Queue(Generic[ItemT]):
         """
         self._check_put()
         deadline = self._deadline(block, timeout)
-        encode, try_put = self._writer.encode, self._try_put
+        encode, put_record = self._writer.encode, self._put_record
         close_owned = _reduction.close_owned
-        # the common case, inlined: an unbounded queue (no slot to take) and a record without
-        # fds go out in one send after the count, as _try_put would do it
-        lean = self._slots_r < 0 and type(self)._try_put is Queue._try_put
-        send = self._writer._live().send
-        counts = self._counts
         n = 0
         try:
             for obj in objs:
                 record, fds, owned = encode(obj)
-                if lean and not fds:
-                    counts.put_done()  # before the item can be taken (as in _try_put)
-                    try:
-                        send(record)
-                        n += 1
-                        continue
-                    except BlockingIOError:  # the socket buffer is full: wait as put does
-                        counts.got()
-                    except BaseException:
-                        counts.got()
-                        raise
                 try:
-                    done, have_slot = try_put(record, fds, False)
-                    if not done:
-                        self._put_record_waiting(record, fds, have_slot, deadline)
+                    put_record(record, fds, deadline)
                 finally:
                     close_owned(fds, owned)
                 n += 1
         except (_queue.Full, QueueShutDown) as exc:
             exc.args = (*exc.args, f"{n} items of the batch were put before this one")
             raise
-
-    def _put_record_waiting(
-        self, record: Any, fds: list[int], have_slot: bool, deadline: float | None
-    ) -> None:
-        """:meth:`put`'s wait loop for one encoded record (the first attempt failed)."""
-        while True:
-            if self._is_shutdown():
-                if have_slot:
-                    self._give_slot()
-                raise QueueShutDown(f"Queue {self!r} is shut down")
-            wait_fd, events = (
-                (self._writer.fileno(), _POLLOUT) if have_slot else (self._slots_r, _POLLIN)
-            )
-            if not _wait_any([(wait_fd, events), (self._shut_r, _POLLIN)], deadline):
-                if have_slot:
-                    self._give_slot()
-                raise _queue.Full
-            done, have_slot = self._try_put(record, fds, have_slot)
-            if done:
-                return
 
     def get_many(
         self, max_items: int, block: bool = True, timeout: float | None = None
@@ -594,17 +782,12 @@ class Queue(Generic[ItemT]):
         An item that fails to unpickle after some were taken is dropped (as :meth:`get`
         would lose it) and its error raised by the next :meth:`get_many`, so that the items
         taken before it are returned, not lost."""
-        # _try_get inlined: one count per item taken, and its slot back if the queue is bounded
-        recv, decode = self._reader.try_recv_record, self._reader.decode
-        got_one, bounded = self._counts.got, self._slots_w >= 0
+        try_get, decode = self._try_get, self._reader.decode
         while len(items) < max_items:
-            got = recv()
-            if got is None:
-                break
-            got_one()
-            if bounded:
-                self._give_slot()
             try:
+                got = try_get()
+                if got is None:
+                    break
                 items.append(decode(*got))
             except Exception as exc:
                 self._batch_error = exc
@@ -655,18 +838,18 @@ class JoinableQueue(Queue[ItemT]):
         super()._set_fds(fds[:5])
         self._tasks_r, self._tasks_w, self._done_r, self._done_w = fds[5:]
 
-    def _try_put(self, record: Any, fds: list[int], have_slot: bool) -> tuple[bool, bool]:
+    def _try_put(self, record: Any, fds: list[int]) -> int:
         # count the task before the item can be taken, so task_done() never runs ahead
         _drain(self._done_r)
         _write_blocking(self._tasks_w)
         try:
-            done, have_slot = super()._try_put(record, fds, have_slot)
+            outcome = super()._try_put(record, fds)
         except BaseException:
             self._task_finished()
             raise
-        if not done:
+        if outcome != PUT:
             self._task_finished()
-        return done, have_slot
+        return outcome
 
     def _task_finished(self) -> bool:
         try:
@@ -756,7 +939,10 @@ class SimpleQueue(Generic[ItemT]):
 
     def get(self) -> ItemT:
         """Remove and return an item, blocking while the queue is empty."""
-        return self._reader.recv()
+        try:
+            return self._reader.recv()
+        except EOFError:  # this process holds a writer: not the end of the stream
+            raise ProtocolError("received an empty record") from None
 
     def put(self, obj: ItemT) -> None:
         """Put ``obj`` on the queue."""

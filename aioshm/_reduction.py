@@ -77,6 +77,7 @@ import numpy as np
 from ._exceptions import ProtocolError
 from ._shm import _segment
 from ._shm._array import copy_into_pool, segment_buffer_of, view_on
+from ._wire import FD_MAGIC, MAX_FDS_PER_MESSAGE, FdHeader
 
 __all__ = (
     "ForkingPickler",
@@ -96,10 +97,9 @@ SHARE_THRESHOLD_DEFAULT: Final = 64 * 1024
 DEFER_COPY_MIN: Final = 4 << 20
 _threshold = SHARE_THRESHOLD_DEFAULT
 
-#: Prefix of a payload that carries fds: magic, number of fds, spilled length (0 = inline).
+#: The fd header's layout (built and parsed only by :class:`aioshm._wire.FdHeader`; this
+#: alias gives its size to tests).
 FD_HEADER: Final = struct.Struct("!4sIQ")
-FD_MAGIC: Final = b"AIOX"
-MAX_FDS_PER_MESSAGE: Final = 253  # SCM_MAX_FD on Linux
 
 
 def get_share_threshold() -> int:
@@ -509,10 +509,10 @@ def dumps(
     """Pickle ``obj`` with fds in-band: ``(payload, fds, owned)``.
 
     The payload is a plain ``ForkingPickler`` pickle when no fd is needed (byte-compatible with
-    the stdlib), else :data:`FD_HEADER` followed by the pickle. The caller sends ``fds`` with
-    the payload and then closes the ``owned`` ones. With ``copies`` (async senders), large
-    value copies are not made here but appended as ``(dst, src)`` for the caller to make,
-    in chunks, before sending.
+    the stdlib), else an :class:`~aioshm._wire.FdHeader` followed by the pickle. The caller
+    sends ``fds`` with the payload and then closes the ``owned`` ones. With ``copies`` (async
+    senders), large value copies are not made here but appended as ``(dst, src)`` for the
+    caller to make, in chunks, before sending.
     """
     # Scalars and short flat tuples of them: no reducer can be involved (the C pickler writes
     # these types itself, byte for byte as the shared pickler below would), so skip its setup.
@@ -553,7 +553,7 @@ def dumps(
     finally:
         st.out, st.owned, st.memo, st.copies = prev
     if fds:
-        return FD_HEADER.pack(FD_MAGIC, len(fds), 0) + data, fds, owned
+        return FdHeader(len(fds)).encode() + data, fds, owned
     return data, fds, owned
 
 
@@ -567,37 +567,59 @@ def close_owned(fds: list[int], owned: list[bool]) -> None:
                 pass
 
 
-def announced_fds(frame: bytes) -> int:
-    """How many fds a received payload says it carries (0 for a plain pickle)."""
-    if frame.startswith(FD_MAGIC) and len(frame) >= FD_HEADER.size:
-        return int(FD_HEADER.unpack_from(frame)[1])
-    return 0
-
-
-def split_payload(data: bytes | bytearray | memoryview) -> tuple[int, int, memoryview]:
-    """``(nfds, spilled_length, pickle)`` of a received payload."""
-    view = memoryview(data)
-    if len(view) >= FD_HEADER.size and bytes(view[:4]) == FD_MAGIC:
-        _, nfds, spilled = FD_HEADER.unpack_from(view)
-        return nfds, spilled, view[FD_HEADER.size :]
-    return 0, 0, view
+# Note [One owner per fd]
+# ~~~~~~~~~~~~~~~~~~~~~~~
+# Every fd that arrives with a message has exactly one owner at every moment, and only the
+# owner may close it:
+#
+# 1. the receive path (``_fds_from_ancdata``, a connection's fd queue) until it hands the
+#    message's fds to a decoder: :func:`loads`, :func:`loads_pickle`, or a channel's
+#    ``decode``. If it never does (a frame read as raw bytes, a rejected frame, a connection
+#    closed mid-frame) it closes them itself;
+# 2. from the moment a decoder is *called*, the decoder owns all of them, on success and on
+#    failure alike. The caller forgets the list; it never closes an fd of it again, not even
+#    in an ``except`` block, because by then the decoder may have given it away;
+# 3. inside the decoder, :func:`take_fd` gives an fd to exactly one new owner (a segment, a
+#    connection, a queue) and leaves a duplicate or None in its place; the decoder closes
+#    what is left in its ``finally``.
+#
+# An fd closed by two owners closes, the second time, whatever unrelated file has meanwhile
+# been given that number.
 
 
 def loads(data: bytes | bytearray | memoryview, fds: list[int]) -> Any:
-    """Unpickle a payload made by :func:`dumps`, adopting ``fds`` (all closed or consumed)."""
-    if not fds and isinstance(data, bytes) and not data.startswith(FD_MAGIC):
+    """Unpickle a payload made by :func:`dumps`, adopting ``fds`` (see Note [One owner per
+    fd]): all of them are consumed or closed, whatever happens. A spilled-record header is a
+    ``ProtocolError`` here (only queues spill, and they unspill first)."""
+    if not fds and isinstance(data, bytes) and data and not data.startswith(FD_MAGIC):
         return ForkingPickler.loads(data)  # the common case: a plain pickle
+    try:
+        _, body = FdHeader.split(data, fds=len(fds), spill=False)
+    except BaseException:
+        _close_fds(fds)
+        raise
+    return loads_pickle(body, fds)
+
+
+def loads_pickle(body: bytes | bytearray | memoryview, fds: list[int]) -> Any:
+    """Unpickle a bare pickle whose fd references index ``fds`` (adopted: consumed or closed,
+    whatever happens; see Note [One owner per fd])."""
     incoming: list[int | None] = list(fds)
     st = _local.state
     prev = st.incoming
     st.incoming = incoming
     try:
-        nfds, _, body = split_payload(data)
-        if nfds != len(fds):
-            raise ProtocolError(f"message announced {nfds} fds but {len(fds)} arrived")
         return ForkingPickler.loads(body)
     finally:
         st.incoming = prev
         for fd in incoming:
             if fd is not None:
                 os.close(fd)
+
+
+def _close_fds(fds: list[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass

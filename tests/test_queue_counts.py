@@ -106,3 +106,95 @@ def _put_and_get(q: mp.Queue) -> None:  # type: ignore[name-defined]
         q.put(100 + i)
     assert q.get(timeout=10) == 0
     assert q.get(timeout=10) == 1
+
+
+def _die(counts: SharedCounts) -> None:
+    """What the kernel does when the process holding ``counts`` is SIGKILLed."""
+    counts._words.release()
+    counts._map.close()
+    os.close(counts._lock_fd)  # its slot lock goes
+    counts._lock_fd = -1
+    os.close(counts.fd)
+    counts.fd = -1
+
+
+@ofd_only
+def test_a_dead_open_window_is_repaired_at_a_quiet_moment() -> None:
+    """Killed inside a put's window (token taken, put counted, nothing sent): the next
+    repair at an empty moment zeroes the balance and asks for the tokens to be restored."""
+    a = SharedCounts()
+    b = SharedCounts(os.dup(a.fd))
+    try:
+        a.put_done()
+        a.got()
+        b.enter()
+        b.put_done()
+        _die(b)
+        assert a.balance() == 1
+        fixed: list[int] = []
+        assert a.repair(lambda: 7, fixed.append)
+        assert fixed == [7]
+        assert a.balance() == 0 and not a.repair_due
+        # the dead window is closed now: a second repair has nothing to wait for
+        assert a.repair(lambda: 8, fixed.append)
+        assert a.balance() == 0
+    finally:
+        a.close()
+
+
+@ofd_only
+def test_no_repair_while_a_live_process_is_inside_a_window() -> None:
+    a = SharedCounts()
+    b = SharedCounts(os.dup(a.fd))
+    try:
+        a.got()
+        b.enter()
+        b.put_done()  # alive, mid-put
+        fixed: list[int] = []
+        assert not a.repair(lambda: 0, fixed.append)
+        assert fixed == [] and a.balance() == 0
+        b.leave()
+        assert a.repair(lambda: None, fixed.append) is False  # not empty: not quiet either
+        assert fixed == []
+    finally:
+        a.close()
+        b.close()
+
+
+@ofd_only
+def test_a_window_entered_during_a_repair_cancels_it() -> None:
+    a = SharedCounts()
+    b = SharedCounts(os.dup(a.fd))
+    try:
+        b.put_done()
+        fixed: list[int] = []
+
+        def measure() -> int:
+            b.enter()  # a put starts between the two scans
+            b.leave()
+            return 3
+
+        assert not a.repair(measure, fixed.append)
+        assert fixed == [] and a.balance() == 1
+    finally:
+        a.close()
+        b.close()
+
+
+@ofd_only
+def test_a_process_taking_over_a_dead_slot_flags_the_repair() -> None:
+    a = SharedCounts()
+    b = SharedCounts(os.dup(a.fd))
+    try:
+        a.put_done()
+        b.enter()
+        slot = b._slot
+        _die(b)
+        c = SharedCounts(os.dup(a.fd))
+        c.got()
+        assert c._slot == slot and a.repair_due
+        words = c._words
+        assert words[slot + 2] == words[slot + 3]  # the dead window is closed
+        c.close()
+    finally:
+        a.close()

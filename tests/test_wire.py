@@ -24,9 +24,13 @@ from hypothesis import strategies as st
 from aioshm._exceptions import ProtocolError
 from aioshm._wire import (
     DEFAULT_MAX_FRAME_SIZE,
+    FD_MAGIC,
+    MAX_FDS_PER_MESSAGE,
     NEED_DATA,
+    FdHeader,
     FrameDecoder,
     NeedData,
+    check_spill_file,
     encode_frame,
     encode_header,
 )
@@ -583,3 +587,98 @@ def test_our_decoder_unpickles_stdlib_sends(
         got += [pickle.loads(frame) for frame in _drain(decoder)]
     writer.join()
     assert got == objects
+
+
+# -- payload envelopes: the fd header and the spill header (Note [Payload layout]) -----------
+
+
+def _valid_header(nfds: int, spilled: int) -> FdHeader | None:
+    try:
+        return FdHeader(nfds, spilled)
+    except ValueError:
+        return None
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, MAX_FDS_PER_MESSAGE), st.integers(0, 2**64 - 1), st.binary(max_size=64))
+def test_fd_header_round_trips(nfds: int, spilled: int, body: bytes) -> None:
+    header = _valid_header(nfds, spilled)
+    if header is None:
+        assert nfds == 0 and spilled == 0
+        return
+    data = header.encode() + (b"" if spilled else body)
+    got, rest = FdHeader.split(data, fds=header.fds_expected, spill=True)
+    assert got == header and hash(got) == hash(header)
+    assert bytes(rest) == (b"" if spilled else body)
+    assert len(header.encode()) == FdHeader.SIZE
+
+
+@settings(max_examples=2000, deadline=None)
+@given(
+    st.one_of(
+        st.binary(max_size=40),
+        st.binary(max_size=24).map(lambda b: FD_MAGIC + b),
+        st.tuples(st.integers(0, 2**32 - 1), st.integers(0, 2**64 - 1), st.binary(max_size=8)).map(
+            lambda t: FD_MAGIC + struct.pack("!IQ", t[0], t[1]) + t[2]
+        ),
+    ),
+    st.integers(0, 300),
+    st.booleans(),
+)
+def test_fd_header_split_accepts_exactly_the_layout(data: bytes, fds: int, spill: bool) -> None:
+    """Whatever a peer sends, ``split`` either returns a header consistent with the fds that
+    arrived and the bytes that follow, or raises ProtocolError: never anything else."""
+    try:
+        header, body = FdHeader.split(data, fds=fds, spill=spill)
+    except ProtocolError:
+        return
+    assert data
+    if header is None:
+        assert not data.startswith(FD_MAGIC) and fds == 0 and bytes(body) == data
+        return
+    assert header.fds_expected == fds <= MAX_FDS_PER_MESSAGE + 1
+    assert header.encode() == data[: FdHeader.SIZE]
+    if header.spilled:
+        assert spill and len(data) == FdHeader.SIZE and not len(body)
+    else:
+        assert header.nfds >= 1 and bytes(body) == data[FdHeader.SIZE :]
+
+
+def test_fd_header_rejects_what_a_peer_might_forge() -> None:
+    ok = FdHeader(2).encode() + b"pickle"
+    cases = [
+        (b"", 0, "empty"),
+        (b"\x80\x05N.", 1, "announces none"),
+        (FD_MAGIC + b"\0\0", 0, "truncated"),
+        (FD_MAGIC + struct.pack("!IQ", 254, 0), 254, "at most"),
+        (FD_MAGIC + struct.pack("!IQ", 0, 0), 0, "neither"),
+        (FdHeader(0, 10).encode() + b"x", 1, "after its header"),
+        (ok, 1, "announced 2 fds but 1"),
+        (ok, 3, "announced 2 fds but 3"),
+    ]
+    for data, fds, match in cases:
+        with pytest.raises(ProtocolError, match=match):
+            FdHeader.split(data, fds=fds, spill=True)
+    with pytest.raises(ProtocolError, match="spilled-record header"):
+        FdHeader.split(FdHeader(0, 10).encode(), fds=1, spill=False)
+    for bad in [(-1, 0), (254, 0), (0, -1), (0, 0)]:
+        with pytest.raises(ValueError):
+            FdHeader(*bad)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(
+    st.sampled_from([0o100600, 0o040700, 0o020600, 0o140777, 0o010600]),
+    st.integers(0, 2**63),
+    st.integers(0, 2**63),
+    st.sampled_from([True, False, None]),
+)
+def test_check_spill_file_accepts_only_a_memfd_of_the_announced_size(
+    mode: int, size: int, announced: int, sealed: bool | None
+) -> None:
+    try:
+        check_spill_file(mode, size, announced, sealed=sealed)
+    except ProtocolError:
+        assert mode != 0o100600 or sealed is False or size != announced
+    else:
+        assert mode == 0o100600 and sealed is not False and size == announced

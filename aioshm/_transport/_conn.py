@@ -137,7 +137,17 @@ async def send_bytes_async(
 
 
 def _try_frame(conn: Connection) -> tuple[bytes, list[int]] | None:
-    """A complete frame if one can be had without blocking."""
+    """A complete frame if one can be had without blocking. A protocol error breaks the
+    connection for good (``Connection._check_intact``), as on the blocking face."""
+    conn._check_intact()
+    try:
+        return _try_frame_unchecked(conn)
+    except ProtocolError as exc:
+        conn._break(exc)
+        raise
+
+
+def _try_frame_unchecked(conn: Connection) -> tuple[bytes, list[int]] | None:
     try:
         while True:
             got = conn._next_frame()
@@ -225,8 +235,9 @@ async def recv_bytes_async(conn: Connection, maxlength: int | None = None) -> by
 async def poll_async(conn: Connection, timeout: float | None = 0.0) -> bool:
     conn._check_closed()
     conn._check_readable()
+    conn._check_intact()
     decoder = conn._decoder
-    if decoder is not None and decoder.want_bytes() == 0:
+    if decoder is not None and decoder.pending_bytes and decoder.want_bytes() == 0:
         await anyio.lowlevel.checkpoint()
         return True
     if timeout is not None and timeout <= 0:

@@ -14,7 +14,8 @@ import anyio
 import anyio.lowlevel
 
 from .. import _reduction
-from .._exceptions import QueueShutDown
+from .._exceptions import ProtocolError, QueueShutDown
+from .._queues import NO_SLOT, PUT
 from ._waits import copy_in_chunks, locks_of
 
 if TYPE_CHECKING:
@@ -64,38 +65,29 @@ async def put_async(q: Queue, obj: Any, block: bool, timeout: float | None) -> N
             await copy_in_chunks(copies)
         locks = locks_of(q)
         await locks.backend.checkpoint_if_cancelled()
-        if not locks.write.locked():
-            # fast path, like loop.sock_sendall: no other task of ours is putting, and the
-            # item goes out at once (nothing awaits in between)
-            done, have_slot = q._try_put(record, fds, False)
-            if done:
-                return
-            if have_slot:
-                q._give_slot()
+        # fast path, like loop.sock_sendall: no other task of ours is putting, and the item
+        # goes out at once (nothing awaits in between)
+        if not locks.write.locked() and q._try_put(record, fds) == PUT:
+            return
         deadline = _deadline(block, timeout)
         async with locks.write:
             await locks.backend.checkpoint_if_cancelled()
-            have_slot = False
-            # like loop.sock_sendall: no yield when the item goes out at once
-            try:
-                while True:
-                    done, have_slot = q._try_put(record, fds, have_slot)
-                    if done:
-                        have_slot = False
-                        break
-                    if q._counts.shut_down:
-                        raise QueueShutDown(f"Queue {q!r} is shut down")
-                    if have_slot:
-                        waiter = locks.wait_for(
-                            "room", [(q._writer.fileno(), _OUT), (q._shut_r, _IN)]
-                        )
-                    else:
-                        waiter = locks.wait_for("slot", [(q._slots_r, _IN), (q._shut_r, _IN)])
-                    if not await _wait_until(waiter, deadline):
-                        raise _queue.Full
-            finally:
-                if have_slot:  # cancelled, timed out or shut down while holding a slot
-                    q._give_slot()
+            # like loop.sock_sendall: no yield when the item goes out at once. An attempt
+            # holds no token when it returns, so a cancelled or killed put holds nothing
+            while True:
+                outcome = q._try_put(record, fds)
+                if outcome == PUT:
+                    break
+                if q._counts.shut_down:
+                    raise QueueShutDown(f"Queue {q!r} is shut down")
+                if outcome == NO_SLOT:
+                    if q._settle():
+                        continue  # capacity a killed process took is back
+                    waiter = locks.wait_for("slot", [(q._slots_r, _IN), (q._shut_r, _IN)])
+                else:
+                    waiter = locks.wait_for("room", [(q._writer.fileno(), _OUT), (q._shut_r, _IN)])
+                if not await _wait_until(waiter, deadline):
+                    raise _queue.Full
     finally:
         _reduction.close_owned(fds, owned)
 
@@ -144,6 +136,7 @@ async def get_async(q: Queue, block: bool, timeout: float | None) -> Any:
             tried = False
             waiter = locks.wait_for("item", [(q._reader.fileno(), _IN), (q._shut_r, _IN)])
             if not await _wait_until(waiter, deadline):
+                q._settle()
                 if q._counts.shut_down:
                     raise QueueShutDown(f"Queue {q!r} is shut down and empty")
                 raise _queue.Empty
@@ -201,7 +194,10 @@ async def _channel_send(ch: RecordChannel, obj: Any, lock: anyio.Lock) -> None:
 
 
 async def simple_get_async(q: SimpleQueue) -> Any:
-    return await _channel_recv(q._reader, locks_of(q).read)
+    try:
+        return await _channel_recv(q._reader, locks_of(q).read)
+    except EOFError:  # this process holds a writer: not the end of the stream
+        raise ProtocolError("received an empty record") from None
 
 
 async def simple_put_async(q: SimpleQueue, obj: Any) -> None:
