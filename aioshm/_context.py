@@ -30,18 +30,21 @@ __all__ = (
 DEFAULT_START_METHOD = "forkserver" if sys.platform.startswith("linux") else "spawn"
 
 
+def _pick(contexts: dict[str, Any], method: str) -> Any:
+    """``contexts[method]``, checked as the stdlib's ``get_context`` checks it."""
+    try:
+        ctx = contexts[method]
+    except KeyError:
+        raise ValueError(f"cannot find context for {method!r}") from None
+    ctx._check_available()
+    return ctx
+
+
 class _AioshmMixin:
     """The factory methods aioshm overrides on every context."""
 
     def get_context(self, method: str | None = None) -> Any:
-        if method is None:
-            return self
-        try:
-            ctx = concrete_contexts[method]
-        except KeyError:
-            raise ValueError(f"cannot find context for {method!r}") from None
-        ctx._check_available()
-        return ctx
+        return self if method is None else _pick(concrete_contexts, method)
 
     def Queue(self, maxsize: int = 0) -> Any:
         """A process-shared FIFO queue (aioshm's :class:`~aioshm.Queue`)."""
@@ -104,14 +107,7 @@ class _AsyncFaceMixin:
     ``aioshm.multiprocessing.get_context(m).Pool`` builds."""
 
     def get_context(self, method: str | None = None) -> Any:
-        if method is None:
-            return self
-        try:
-            ctx = async_contexts[method]
-        except KeyError:
-            raise ValueError(f"cannot find context for {method!r}") from None
-        ctx._check_available()
-        return ctx
+        return self if method is None else _pick(async_contexts, method)
 
     def Pool(
         self,

@@ -844,6 +844,8 @@ class RaySpawnContext:
             tb,
         )
         error.__cause__ = translated
+        if isinstance(remote, RemoteTraceback):  # the message holds it: print it once
+            translated.__cause__ = None
         return error
 
     async def _stop_all(self) -> None:

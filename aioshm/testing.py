@@ -64,6 +64,8 @@ from aioshm_pytest import CALL_REPORT as _CALL_REPORT
 from aioshm_pytest import GRACE_DEFAULT as _GRACE_DEFAULT
 from aioshm_pytest import LEAK_KINDS
 
+from ._shm._segment import _pid_alive
+
 # The options, the marker and the report hook live in the entry-point module (which imports
 # nothing of aioshm); ``-p aioshm.testing`` loads it too when plugin autoloading is off.
 pytest_plugins = ["aioshm_pytest"]
@@ -316,7 +318,7 @@ def _foreign_owner(path: str, tree: set[int]) -> bool:
     for token in os.path.basename(path)[len(SHM_PREFIX) :].split("_"):
         if token.isdigit():
             pid = int(token)
-            return pid not in tree and _pid_exists(pid)
+            return pid not in tree and _pid_alive(pid)
     return False
 
 
