@@ -7,6 +7,8 @@
 # unpacked once into .cache/cpython-3.14.7 (a stamp file names the archive's sha256), the
 # stdlib is byte-compiled once (without that, every spawn/forkserver child compiles it again
 # when bytecode writing is off, up to 4x slower), and .venv-3.14 gets aioshm[test].
+# Without the archive (a user's machine) the stage is skipped with a message; under CI=true
+# (CI lays shared/ beside its clone) a missing archive fails it.
 # No ray extra: Ray publishes no wheels for 3.14; tests/test_ray.py skips itself without it.
 set -eu
 cd "$(dirname "$0")/.."
@@ -26,9 +28,15 @@ done
 
 if [ "$(cat "$py314/.archive-sha256" 2>/dev/null)" != "$sha256" ]; then
     if [ -z "$archive" ]; then
-        echo "py314.sh: $archive_name not found in \$AIOSHM_TOOLCHAINS," \
-            "../shared/toolchains or /work/shared/toolchains" >&2
-        exit 2
+        where="\$AIOSHM_TOOLCHAINS, ../shared/toolchains or /work/shared/toolchains"
+        if [ "${CI:-}" = true ]; then  # CI lays shared/ beside its clone: missing is a failure
+            echo "py314.sh: $archive_name not found in $where" >&2
+            exit 2
+        fi
+        # a user's fresh machine has no test interpreter: say so, and leave it to CI
+        echo "py314.sh: SKIPPED: $archive_name is not in $where (CI runs this stage;" \
+            "set AIOSHM_TOOLCHAINS to a folder holding it to run it here)"
+        exit 0
     fi
     echo "$sha256  $archive" | sha256sum -c --quiet -
     rm -rf "$py314" "$py314.part"
