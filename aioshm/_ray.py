@@ -119,6 +119,7 @@ from ._exceptions import (
 )
 from ._pool._api import PoolAPI
 from ._pool._results import AsyncResult
+from ._process import _type_name
 
 # Ray ships inline types (py.typed) that mypy would analyse in full; it is used untyped here.
 ray: Any = importlib.import_module("ray")
@@ -191,12 +192,6 @@ def _submit(fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
 
 
 # --------------------------------------------------------------------------- error mapping
-
-
-def _type_name(cls: type) -> str:
-    module = getattr(cls, "__module__", "")
-    name = getattr(cls, "__qualname__", cls.__name__)
-    return name if module in ("builtins", "") else f"{module}.{name}"
 
 
 def _died(exc: BaseException) -> bool:

@@ -171,14 +171,6 @@ def _cmdline(pid: int) -> list[str]:
         return []
     return [arg.decode(errors="replace") for arg in data.split(b"\0")[:-1]]
 
-
-def _pid_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     return True
 
 
