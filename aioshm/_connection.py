@@ -32,7 +32,7 @@ from collections.abc import AsyncIterator
 from multiprocessing import connection as _mp_connection
 from typing import Any, Final, Generic
 
-from . import _reduction
+from . import _mmsg, _reduction
 from ._exceptions import FdLimitError, ProtocolError
 from ._typing import RecvT_co, SendT_contra
 from ._wire import (
@@ -632,6 +632,25 @@ class RecordChannel:
             raise _rlimit_hint(exc) from exc
         return True
 
+    def try_send_records(self, records: list[Any], start: int = 0) -> int:
+        """Send records from ``records[start:]`` (fd-less ones) without blocking, several per
+        syscall where the platform allows (:mod:`aioshm._mmsg`), each its own record. Returns
+        how many went: 0 if the socket buffer is full."""
+        sock = self._sock
+        if sock is None:
+            raise OSError("handle is closed")
+        if _mmsg.AVAILABLE:
+            try:
+                return _mmsg.send_batch(sock.fileno(), records, start)
+            except OSError as exc:
+                raise _rlimit_hint(exc) from exc
+        sent = 0
+        for i in range(start, min(len(records), start + _mmsg.BATCH)):
+            if not self.try_send_record(records[i], []):
+                break
+            sent += 1
+        return sent
+
     def send(self, obj: Any, timeout: float | None = None) -> bool:
         """Send ``obj`` as one record, blocking up to ``timeout`` for room (False on timeout)."""
         if not self.writable:
@@ -666,10 +685,35 @@ class RecordChannel:
         fds = _fds_from_ancdata(ancdata, flags) if ancdata or flags & _MSG_CTRUNC else []
         if not data and not fds:
             raise EOFError
-        if flags & _MSG_TRUNC:
+        if flags & _MSG_TRUNC or n > MAX_RECORD:
             _close_all(fds)
             raise ProtocolError("received a record larger than the protocol allows")
         return data, fds
+
+    def try_recv_records(
+        self, max_records: int
+    ) -> tuple[list[tuple[bytes, list[int]]], BaseException | None]:
+        """Up to ``max_records`` waiting records, several per syscall where the platform
+        allows, without blocking: ``(records, error)``. ``error`` is the first record that
+        was taken off the socket but cannot be used (oversized, empty, its fds dropped):
+        the caller raises it after handing out the good ones, which are not lost."""
+        sock = self._sock
+        if sock is None:
+            raise OSError("handle is closed")
+        if _mmsg.AVAILABLE:
+            return _mmsg.recv_batch(sock.fileno(), max_records, MAX_RECORD + 1)
+        out: list[tuple[bytes, list[int]]] = []
+        while len(out) < max_records:
+            try:
+                got = self.try_recv_record()
+            except EOFError:
+                return out, ProtocolError("received an empty record")
+            except (ProtocolError, FdLimitError) as exc:
+                return out, exc
+            if got is None:
+                break
+            out.append(got)
+        return out, None
 
     def decode(self, data: bytes, fds: list[int]) -> Any:
         """Unpickle a record received by :meth:`try_recv_record`, adopting ``fds``: they are

@@ -32,16 +32,19 @@ import threading
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterable
+from functools import partial
 from multiprocessing import context as _mp_context
-from typing import TYPE_CHECKING, Any, Final, Generic, Self, overload
+from typing import TYPE_CHECKING, Any, Final, Generic, Self, TypeVar, overload
 
-from . import _backend, _reduction
+from . import _backend, _mmsg, _reduction
 from ._connection import anon_fd, record_pair
 from ._connection import poll_until as _poll_until
 from ._connection import wait_any as _wait_any
 from ._exceptions import FdLimitError, ProtocolError, QueueShutDown
 from ._shm._segment import HAS_OFD, ofd_lock_byte
 from ._typing import ItemT
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:
     from ._backend import Backend
@@ -232,6 +235,14 @@ class SharedCounts:
             self._bump(slot, which)
         else:
             self._words[slot + which] += 1
+
+    def bump_by(self, slot: int, which: int, k: int) -> None:
+        """Count ``k`` puts (``which=0``) or gets (1) inside a window (a batch)."""
+        if slot == _SHARED:
+            for _ in range(k):
+                self._bump(slot, which)
+        else:
+            self._words[slot + which] += k
 
     def end(self, slot: int) -> None:
         """Leave the window entered by :meth:`begin`."""
@@ -457,6 +468,13 @@ class Queue(Generic[ItemT]):
             except BlockingIOError:
                 pass
 
+    def _give_slots(self, k: int) -> None:
+        if self._slots_w >= 0 and k > 0:
+            try:
+                os.write(self._slots_w, b"\0" * k)
+            except BlockingIOError:
+                pass
+
     def _check_closed(self) -> None:
         if self._closed:
             raise ValueError(f"Queue {self!r} is closed")
@@ -513,6 +531,38 @@ class Queue(Generic[ItemT]):
                 return NO_ROOM
             self._put_here = True
             return PUT
+        finally:
+            counts.end(slot)
+
+    def _try_put_batch(self, records: list[Any], start: int) -> tuple[int, int]:
+        """:meth:`_try_put` for fd-less ``records[start:]``, several per syscall: ``(how
+        many went, outcome)``; when none went, the outcome says why (:data:`NO_SLOT`,
+        :data:`NO_ROOM`). Holds no token when it returns."""
+        counts = self._counts
+        slot = counts.begin()
+        try:
+            want = min(len(records) - start, _mmsg.BATCH)
+            if self._slots_r < 0:
+                tokens = want
+            else:
+                try:
+                    tokens = len(os.read(self._slots_r, want))
+                except BlockingIOError:
+                    return 0, NO_SLOT
+            counts.bump_by(slot, 0, tokens)  # before the items can be taken (see _try_put)
+            try:
+                sent = self._writer.try_send_records(records[: start + tokens], start)
+            except BaseException:
+                counts.bump_by(slot, 1, tokens)
+                self._give_slots(tokens)
+                raise
+            if sent < tokens:
+                counts.bump_by(slot, 1, tokens - sent)
+                self._give_slots(tokens - sent)
+            if not sent:
+                return 0, NO_ROOM
+            self._put_here = True
+            return sent, PUT
         finally:
             counts.end(slot)
 
@@ -591,16 +641,25 @@ class Queue(Generic[ItemT]):
             outcome = self._try_put(record, fds)
             if outcome == PUT:
                 return
-            if outcome == NO_SLOT:
-                if self._settle():
-                    continue  # capacity a killed process took is back
-                wait_fd, events = self._slots_r, _POLLIN
-            else:
-                wait_fd, events = self._writer.fileno(), _POLLOUT
-            if not _wait_any([(wait_fd, events), (self._shut_r, _POLLIN)], deadline):
-                raise _queue.Full
-            if self._is_shutdown():
-                raise QueueShutDown(f"Queue {self!r} is shut down")
+            self._wait_room(outcome, deadline)
+
+    def _wait_room(self, outcome: int, deadline: float | None) -> None:
+        """Wait after a put found no slot (``NO_SLOT``) or no room in the socket buffer
+        (``NO_ROOM``). Returns when it may be worth trying again.
+
+        :raises queue.Full: at the deadline.
+        :raises ~aioshm.QueueShutDown: if the queue was shut down meanwhile.
+        """
+        if outcome == NO_SLOT:
+            if self._settle():
+                return  # capacity a killed process took is back
+            wait_fd, events = self._slots_r, _POLLIN
+        else:
+            wait_fd, events = self._writer.fileno(), _POLLOUT
+        if not _wait_any([(wait_fd, events), (self._shut_r, _POLLIN)], deadline):
+            raise _queue.Full
+        if self._is_shutdown():
+            raise QueueShutDown(f"Queue {self!r} is shut down")
 
     def get(self, block: bool = True, timeout: float | None = None) -> ItemT:
         """Remove and return an item; block (up to ``timeout``) while the queue is empty.
@@ -609,6 +668,10 @@ class Queue(Generic[ItemT]):
         :raises ValueError: if the queue was closed in this process.
         :raises ~aioshm.QueueShutDown: if the queue was shut down and is empty.
         """
+        return self._reader.decode(*self._take(block, timeout, self._try_get))
+
+    def _take(self, block: bool, timeout: float | None, take: Callable[[], T | None]) -> T:
+        """Wait (as :meth:`get`) until ``take()`` returns something, and return it."""
         self._check_closed()
         deadline = self._deadline(block, timeout)
         waited = not block  # a non-blocking get checks for shutdown before giving up
@@ -617,10 +680,10 @@ class Queue(Generic[ItemT]):
         try_first = not (block and self._got_waiting)
         while True:
             if try_first:
-                got = self._try_get()
+                got = take()
                 if got is not None:
                     self._got_waiting = waited and block
-                    return self._reader.decode(*got)
+                    return got
                 # the wait watches the shutdown pipe too: look at it only once a wait returned
                 if waited and self._is_shutdown():
                     raise QueueShutDown(f"Queue {self!r} is shut down and empty")
@@ -720,13 +783,17 @@ class Queue(Generic[ItemT]):
 
     # -- batches, beside the stdlib API ------------------------------------------------------
     # Each item is still its own record (any consumer's get() takes one item, whoever put
-    # it); a batch saves the per-call checks, and get_many takes the items already waiting
-    # without a wait (a poll) between them.
+    # it, and no process holds items between calls); a batch moves up to _mmsg.BATCH records
+    # per syscall (sendmmsg/recvmmsg on Linux) inside one window of the shared counts, and
+    # takes or gives back its capacity tokens with one read or write.
 
     def put_many(
         self, objs: Iterable[Any], block: bool = True, timeout: float | None = None
     ) -> None:
         """Put every item of ``objs`` in order, as :meth:`put` each, with one deadline for all.
+
+        Items go up to 64 per syscall (each still its own record: any process's ``get()``
+        takes them one by one); this is the fast way to feed a queue many small items.
 
         ``block`` and ``timeout`` apply to the whole batch. If one item cannot go in (a full
         queue past the deadline, a pickling error, a shutdown), the items before it are on
@@ -738,17 +805,44 @@ class Queue(Generic[ItemT]):
         """
         self._check_put()
         deadline = self._deadline(block, timeout)
-        encode, put_record = self._writer.encode, self._put_record
-        close_owned = _reduction.close_owned
-        n = 0
+        encode, close_owned = self._writer.encode, _reduction.close_owned
+        try_batch, wait_room = self._try_put_batch, self._wait_room
+        batch: list[Any] = []  # encoded fd-less records, not sent yet
+        n = 0  # items on the queue
+
+        def flush() -> None:
+            nonlocal n
+            start = 0
+            try:
+                while start < len(batch):
+                    sent, outcome = try_batch(batch, start)
+                    if sent:
+                        start += sent
+                    else:
+                        wait_room(outcome, deadline)
+            finally:
+                n += start
+                batch.clear()
+
         try:
             for obj in objs:
-                record, fds, owned = encode(obj)
                 try:
-                    put_record(record, fds, deadline)
+                    record, fds, owned = encode(obj)
+                except BaseException:
+                    flush()  # the items before it go in
+                    raise
+                if not fds:
+                    batch.append(record)
+                    if len(batch) >= _mmsg.BATCH:
+                        flush()
+                    continue
+                try:
+                    flush()
+                    self._put_record(record, fds, deadline)
                 finally:
                     close_owned(fds, owned)
                 n += 1
+            flush()
         except (_queue.Full, QueueShutDown) as exc:
             exc.args = (*exc.args, f"{n} items of the batch were put before this one")
             raise
@@ -756,8 +850,8 @@ class Queue(Generic[ItemT]):
     def get_many(
         self, max_items: int, block: bool = True, timeout: float | None = None
     ) -> list[Any]:
-        """Up to ``max_items`` items, oldest first: wait (as :meth:`get`) for the first, then
-        take the ones already waiting, without waiting again.
+        """Up to ``max_items`` items, oldest first: the ones already waiting, or else wait (as
+        :meth:`get`) for the first and then take the ones waiting, without waiting again.
 
         One call can take several end-of-work markers (say ``None``) that were meant for
         several consumers: a consumer that stops at one should put the others back.
@@ -767,7 +861,12 @@ class Queue(Generic[ItemT]):
         :raises ~aioshm.QueueShutDown: if the queue was shut down and is empty.
         """
         self._check_batch(max_items)
-        return self._take_waiting([self.get(block, timeout)], max_items)
+        return self._take(block, timeout, partial(self._take_some, max_items))
+
+    def _take_some(self, max_items: int) -> list[Any] | None:
+        """Up to ``max_items`` items already waiting; None if there are none (and no error
+        to raise)."""
+        return self._or_raise(self._take_waiting([], max_items)) or None
 
     def _check_batch(self, max_items: int) -> None:
         if max_items < 1:
@@ -776,22 +875,47 @@ class Queue(Generic[ItemT]):
         if error is not None:
             raise error
 
+    def _or_raise(self, items: list[Any]) -> list[Any]:
+        """``items``, or (if there are none) the error met while taking them."""
+        if not items:
+            error = self.__dict__.pop("_batch_error", None)
+            if error is not None:
+                raise error
+        return items
+
     def _take_waiting(self, items: list[Any], max_items: int) -> list[Any]:
         """Append the items already waiting to ``items``, up to ``max_items`` in all.
 
-        An item that fails to unpickle after some were taken is dropped (as :meth:`get`
-        would lose it) and its error raised by the next :meth:`get_many`, so that the items
-        taken before it are returned, not lost."""
-        try_get, decode = self._try_get, self._reader.decode
-        while len(items) < max_items:
+        A record that cannot be used (malformed, or an item that fails to unpickle) is
+        dropped (as :meth:`get` would lose it) and its error raised by the next call, so
+        that the items taken with it are returned, not lost."""
+        want = max_items - len(items)
+        if want <= 0 or self._reader.closed:
+            return items
+        counts = self._counts
+        slot = counts.begin()
+        try:
+            records, error = self._reader.try_recv_records(want)
+            taken = len(records) + (error is not None)
+            if taken:
+                counts.bump_by(slot, 1, taken)
+                self._give_slots(taken)
+        finally:
+            counts.end(slot)
+        if counts.repair_due:
+            self._settle()
+        decode = self._reader.decode
+        for i, (data, fds) in enumerate(records):
             try:
-                got = try_get()
-                if got is None:
-                    break
-                items.append(decode(*got))
+                items.append(decode(data, fds))
             except Exception as exc:
-                self._batch_error = exc
-                break
+                error = error or exc
+            except BaseException:
+                for _, later in records[i + 1 :]:
+                    _close_fds([], later)
+                raise
+        if error is not None and "_batch_error" not in self.__dict__:
+            self._batch_error = error
         return items
 
     async def put_many_async(
@@ -813,9 +937,7 @@ class Queue(Generic[ItemT]):
         self, max_items: int, block: bool = True, timeout: float | None = None
     ) -> list[Any]:
         """Awaitable :meth:`get_many`. Cancelling it never loses an item."""
-        self._check_batch(max_items)
-        first = await self.get_async(block, timeout)
-        return self._take_waiting([first], max_items)
+        return await (_impl or _load_impl()).get_many_async(self, max_items, block, timeout)
 
 
 class JoinableQueue(Queue[ItemT]):
@@ -850,6 +972,18 @@ class JoinableQueue(Queue[ItemT]):
         if outcome != PUT:
             self._task_finished()
         return outcome
+
+    def _try_put_batch(self, records: list[Any], start: int) -> tuple[int, int]:
+        want = min(len(records) - start, _mmsg.BATCH)
+        _drain(self._done_r)
+        _write_blocking(self._tasks_w, want)
+        sent = 0
+        try:
+            sent, outcome = super()._try_put_batch(records, start)
+        finally:
+            for _ in range(want - sent):
+                self._task_finished()
+        return sent, outcome
 
     def _task_finished(self) -> bool:
         try:
@@ -894,11 +1028,10 @@ def _drain(fd: int) -> None:
         pass
 
 
-def _write_blocking(fd: int) -> None:
-    while True:
+def _write_blocking(fd: int, n: int = 1) -> None:
+    while n > 0:
         try:
-            os.write(fd, b"\0")
-            return
+            n -= os.write(fd, b"\0" * n)
         except BlockingIOError:
             _wait_any([(fd, _POLLOUT)], None)
 

@@ -35,3 +35,11 @@ def get_many_until_none(q: Any, batch: int) -> list[Any]:
                 q.put(None)
             return out
         out.extend(items)
+
+
+def get_until_none(q: Any) -> list[Any]:
+    """Plain ``get()`` until a ``None`` arrives; the items before it, in order."""
+    out: list[Any] = []
+    while (item := q.get()) is not None:
+        out.append(item)
+    return out

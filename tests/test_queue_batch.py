@@ -147,15 +147,17 @@ def test_put_many_stops_at_an_unpicklable_item() -> None:
 
 
 def test_get_many_returns_the_items_before_a_bad_one_then_raises() -> None:
-    """An item that fails to unpickle mid-batch does not take the good items taken before it
-    down with it: they are returned, and the next ``get_many`` raises its error."""
+    """An item that fails to unpickle mid-batch does not take the good items received with it
+    (before it and after it, in the same syscall) down with it: they are returned, and the
+    next ``get_many`` raises its error."""
     q = CTX.Queue()
     try:
         q.put_many([1, 2, targets.Bomb(), 3])
-        assert q.get_many(10) == [1, 2]
+        assert q.get_many(10) == [1, 2, 3]
         with pytest.raises(ValueError, match="cannot be unpickled"):
             q.get_many(10)
-        assert q.get_many(10) == [3]
+        with pytest.raises(queue.Empty):
+            q.get_many(10, block=False)
     finally:
         q.close()
 
@@ -172,6 +174,26 @@ def test_batches_after_shutdown() -> None:
             q.get_many(10)
     finally:
         q.close()
+
+
+@pytest.mark.timeout(120)
+def test_plain_gets_in_children_take_the_items_of_batches_one_by_one() -> None:
+    """A batch is not a unit on the wire: two children that only call ``get()`` share the
+    items of big batches (several records per syscall) and each gets its items in order."""
+    q = CTX.Queue()
+    cons = [CTX.Process(target=targets.get_until_none, args=(q,)) for _ in range(2)]
+    try:
+        for p in cons:
+            p.start()
+        q.put_many(range(2000), timeout=WAIT)
+        q.put_many([None, None], timeout=WAIT)
+        parts = [p.result(WAIT) for p in cons]
+        for part in parts:
+            assert part == sorted(part)
+        assert sorted(parts[0] + parts[1]) == list(range(2000))
+    finally:
+        q.close()
+        reap(cons)
 
 
 def test_joinable_queue_counts_every_item_of_a_batch() -> None:
@@ -312,13 +334,14 @@ async def test_async_batches_after_shutdown_and_bad_item() -> None:
     try:
         with anyio.fail_after(WAIT):
             await q.put_many_async([1, targets.Bomb(), 2])
-            assert await q.get_many_async(10) == [1]
+            assert await q.get_many_async(10) == [1, 2]  # taken with the bad one
             with pytest.raises(ValueError, match="cannot be unpickled"):
                 await q.get_many_async(10)
+            await q.put_async(4)
             q.shutdown()
             with pytest.raises(aioshm.QueueShutDown):
                 await q.put_many_async([3])
-            assert await q.get_many_async(10) == [2]
+            assert await q.get_many_async(10) == [4]
             with pytest.raises(aioshm.QueueShutDown):
                 await q.get_many_async(10)
     finally:

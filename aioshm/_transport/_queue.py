@@ -7,8 +7,9 @@ import math
 import queue as _queue
 import select
 import time
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator, Callable
+from functools import partial
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 import anyio.lowlevel
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
 
 __all__ = (
     "get_async",
+    "get_many_async",
     "iterate",
     "join_async",
     "put_async",
@@ -32,6 +34,7 @@ __all__ = (
 )
 
 _IN, _OUT = select.POLLIN, select.POLLOUT
+T = TypeVar("T")
 
 
 def _deadline(block: bool, timeout: float | None) -> float:
@@ -97,18 +100,19 @@ async def put_async(q: Queue, obj: Any, block: bool, timeout: float | None) -> N
 _FAIRNESS = 16
 
 
-async def get_async(q: Queue, block: bool, timeout: float | None) -> Any:
+async def _take(q: Queue, block: bool, timeout: float | None, take: Callable[[], T | None]) -> T:
+    """Wait (as ``get``) until ``take()`` returns something, and return it."""
     q._check_closed()
     locks = locks_of(q)
     await locks.backend.checkpoint_if_cancelled()
     if not locks.read.locked():
-        got = q._try_get()  # fast path: nothing awaits between taking it and returning it
+        got = take()  # fast path: nothing awaits between taking it and returning it
         if got is not None:
             q._eager = eager = q._eager + 1
             if eager >= _FAIRNESS:
                 q._eager = 0
                 await locks.backend.cancel_shielded_checkpoint()
-            return q._reader.decode(*got)
+            return got
         tried = True  # and the lock was free: taking it below does not yield
     else:
         tried = False
@@ -126,7 +130,7 @@ async def get_async(q: Queue, block: bool, timeout: float | None) -> Any:
             if not tried:
                 if waited:
                     q._check_closed()  # closed by another task while this one waited
-                got = q._try_get()
+                got = take()
                 if got is not None:
                     break
                 # the wait watches the shutdown pipe too: check it first only after a wait
@@ -146,7 +150,16 @@ async def get_async(q: Queue, block: bool, timeout: float | None) -> Any:
     if not waited:
         # the record is ours now: yield without a cancellation point, so it cannot be lost
         await locks.backend.cancel_shielded_checkpoint()
-    return q._reader.decode(*got)
+    return got
+
+
+async def get_async(q: Queue, block: bool, timeout: float | None) -> Any:
+    return q._reader.decode(*await _take(q, block, timeout, q._try_get))
+
+
+async def get_many_async(q: Queue, max_items: int, block: bool, timeout: float | None) -> list[Any]:
+    q._check_batch(max_items)
+    return await _take(q, block, timeout, partial(q._take_some, max_items))
 
 
 async def iterate(q: Queue) -> AsyncIterator[Any]:

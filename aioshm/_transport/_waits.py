@@ -419,5 +419,6 @@ async def copy_in_chunks(copies: list[tuple[Any, Any]]) -> None:
         row = max(1, dst[0].nbytes if dst.ndim > 1 else dst.itemsize)
         step = max(1, COPY_CHUNK // row)
         for start in range(0, len(dst), step):
-            np.copyto(dst[start : start + step], src[start : start + step], casting="no")
+            # yield first: what woke this task (a reply, say) may have made a timer overdue
             await anyio.lowlevel.checkpoint()
+            np.copyto(dst[start : start + step], src[start : start + step], casting="no")
