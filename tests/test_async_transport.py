@@ -375,6 +375,33 @@ async def test_queue_block_and_timeout_semantics(kind: str) -> None:
 
 
 @pytest.mark.timeout(60)
+async def test_a_get_async_with_a_timeout_is_still_cancelled_by_its_scope() -> None:
+    """A deadline of the call's own (on asyncio a timer on the parked wait, not a cancel
+    scope) does not hide the caller's cancellation, and leaves nothing behind: the next timed
+    get receives an item put after it."""
+    q = CTX.Queue()
+    try:
+        with anyio.fail_after(WAIT):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(q.get_async, True, 60.0)
+                await anyio.wait_all_tasks_blocked()  # parked on the empty queue
+                tg.cancel_scope.cancel()
+            assert tg.cancel_scope.cancelled_caught
+            async with anyio.create_task_group() as tg:
+                got: list[str] = []
+
+                async def getter() -> None:
+                    got.append(await q.get_async(timeout=60.0))
+
+                tg.start_soon(getter)
+                await anyio.wait_all_tasks_blocked()
+                await q.put_async("x")
+            assert got == ["x"]
+    finally:
+        q.close()
+
+
+@pytest.mark.timeout(60)
 async def test_maxsize_backpressure_suspends_only_the_task() -> None:
     """A ``put_async`` on a full queue suspends its task (a ticker keeps ticking meanwhile) and
     completes once a child takes an item."""

@@ -47,16 +47,7 @@ def _deadline(block: bool, timeout: float | None) -> float:
 
 async def _wait_until(waiter: Any, deadline: float) -> bool:
     """Wait on ``waiter`` until ``deadline`` (monotonic); False if the deadline passed."""
-    if deadline == math.inf:
-        await waiter.wait()
-        return True
-    remaining = deadline - time.monotonic()
-    if remaining <= 0:
-        return False
-    with anyio.move_on_after(remaining):
-        await waiter.wait()
-        return True
-    return False
+    return bool(await waiter.wait(deadline))
 
 
 async def put_async(q: Queue, obj: Any, block: bool, timeout: float | None) -> None:

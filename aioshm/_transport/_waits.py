@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import select
 import sys
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -184,19 +186,42 @@ class MultiWait:
                 0,
             )
 
-    async def wait(self) -> None:
+    async def wait(self, deadline: float = math.inf) -> bool:
+        """Wait until an fd is ready (True) or ``deadline`` (``time.monotonic()``) passes
+        (False). On asyncio, a persistent wait's deadline is a timer on its future, not a
+        cancel scope: a consumer that always passes a timeout pays no scope per wait."""
         reader = self._loop_reader()
         if reader is not None:
             if self._fut is not None and not self._fut.done():
                 raise anyio.BusyResourceError("waiting on")
+            timer = None
+            if deadline != math.inf:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
             fut = self._fut = reader.loop.create_future()
+            if deadline != math.inf:
+                timer = reader.loop.call_later(remaining, _expire, fut)
             self._idle = 0
             reader.start()
             try:
-                await fut
+                return bool(await fut)
             finally:
                 self._fut = None
-            return
+                if timer is not None:
+                    timer.cancel()
+        if deadline == math.inf:
+            await self._wait_readable()
+            return True
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        with anyio.move_on_after(remaining):
+            await self._wait_readable()
+            return True
+        return False
+
+    async def _wait_readable(self) -> None:
         self._waiting = True
         try:
             await anyio.wait_readable(self._ep.fileno())
@@ -227,7 +252,7 @@ class MultiWait:
         if fut is not None:
             self._fut = None
             if not fut.done():
-                fut.set_result(None)
+                fut.set_result(True)
         elif self._reader is not None:
             # level-triggered: a callback may come once more before the woken task reads;
             # one more with nobody waiting means nobody is waiting any more
@@ -267,7 +292,12 @@ class MultiWait:
 
 def _resolve(fut: Any) -> None:
     if not fut.done():
-        fut.set_result(None)
+        fut.set_result(True)
+
+
+def _expire(fut: Any) -> None:
+    if not fut.done():
+        fut.set_result(False)
 
 
 class LoopWatch:
